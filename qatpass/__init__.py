@@ -1,0 +1,34 @@
+"""qatpass: INT4 quantization-aware training and W4A16 inference as a torch.compile pass.
+
+cmodel = torch.compile(model, backend="qat4")      # fake-quant QAT, model code untouched
+qmodel = qatpass.convert(model)                    # packed INT4 weights for serving
+"""
+
+from qatpass import fake_quant as _fake_quant  # noqa: F401  (registers the op)
+from qatpass.backend import QatBackend, backend, qat4
+from qatpass.config import DEFAULT_EXCLUDE, QatConfig
+from qatpass.fake_quant import fake_quantize
+from qatpass.report import GraphSummary, reset_summary, summary
+from qatpass.scheme import Int4Scheme, PackedWeight, dequantize, pack_int4, quantize, unpack_int4
+from qatpass.selection import select_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "GraphSummary",
+    "Int4Scheme",
+    "PackedWeight",
+    "QatBackend",
+    "QatConfig",
+    "backend",
+    "dequantize",
+    "fake_quantize",
+    "pack_int4",
+    "qat4",
+    "quantize",
+    "reset_summary",
+    "select_weights",
+    "summary",
+    "unpack_int4",
+]

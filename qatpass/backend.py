@@ -1,0 +1,91 @@
+"""The `qat4` torch.compile backend: rewrite each Dynamo graph, then hand it to a compiler.
+
+    torch.compile(model, backend="qat4")                                  # entry point, defaults
+    torch.compile(model, backend="qat4", options={"group_size": 128})     # options -> QatConfig
+    torch.compile(model, backend=qatpass.backend(compiler="aot_eager"))   # an object to ask later
+
+train mode inserts fake quant on the selected weights (passes/insert_fake_quant.py); inference
+mode lowers their matmuls to the packed W4A16 op (lowering/). Then Inductor (default, forward and
+backward through AOTAutograd), aot_eager or eager compiles the graph. This module must not call
+`register_backend("qat4")`: the entry point registers it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch.fx as fx
+
+from qatpass.config import QatConfig
+from qatpass.passes.insert_fake_quant import insert_fake_quant, plan_weights
+from qatpass.report import GraphSummary, record
+
+__all__ = ["QatBackend", "backend", "qat4"]
+
+DEBUG_DIR_ENV = "QATPASS_DEBUG_DIR"
+
+
+def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: QatConfig) -> Callable:
+    if config.compiler == "eager":
+        return gm.forward
+    if config.compiler == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
+
+    with inductor_config.patch(config.inductor_config):
+        return compile_fx(gm, example_inputs)
+
+
+class QatBackend:
+    """A configured qat4 backend; keeps the summary of every graph it rewrote."""
+
+    def __init__(self, config: QatConfig | None = None) -> None:
+        self.config = config or QatConfig()
+        self.summaries: list[GraphSummary] = []
+
+    def transform(
+        self, gm: fx.GraphModule, example_inputs: Sequence[Any]
+    ) -> tuple[fx.GraphModule, GraphSummary]:
+        """Rewrite gm for this config without compiling it (used by the backend and the diff tool)."""
+        planned, summary = plan_weights(gm, example_inputs, self.config)
+        if self.config.mode == "train":
+            insert_fake_quant(gm, planned, self.config)
+            return gm, summary
+        from qatpass.lowering.graph_lowering import lower_graph
+
+        return lower_graph(gm, example_inputs, planned, self.config), summary
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        debug_dir = os.environ.get(DEBUG_DIR_ENV)
+        before = gm.print_readable(print_output=False) if debug_dir else None
+        gm, summary = self.transform(gm, example_inputs)
+        self.summaries.append(summary)
+        record(summary)
+        if debug_dir:
+            from qatpass.diff.debug_dump import dump_graph
+
+            dump_graph(debug_dir, summary, before, gm.print_readable(print_output=False))
+        return _compile(gm, example_inputs, self.config)
+
+    @property
+    def quantized_names(self) -> list[str]:
+        return sorted({n for s in self.summaries for n in s.quantized_names})
+
+
+def backend(config: QatConfig | None = None, **options: Any) -> QatBackend:
+    """A qat4 backend object: `torch.compile(model, backend=qatpass.backend(group_size=128))`."""
+    if config is not None and options:
+        raise ValueError("give either a QatConfig or options, not both")
+    return QatBackend(config or QatConfig.from_options(options))
+
+
+def qat4(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None
+) -> Callable:
+    """The function behind `backend="qat4"`; `options=` of torch.compile arrive here."""
+    return QatBackend(QatConfig.from_options(options))(gm, example_inputs)

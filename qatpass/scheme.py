@@ -1,0 +1,279 @@
+"""The INT4 quantization scheme: every formula qatpass uses, in one place.
+
+`Int4Scheme` says how a weight is quantized; the functions below are the only implementation of
+that math. Fake quant (training), packing (serving), every kernel's reference and every exporter
+call them, so a model trained with fake quant is bit for bit the model that is served:
+
+    fake_quantize(w, scheme) == dequantize(quantize(w, scheme))      # exactly, every dtype
+
+Conventions (see DESIGN.md):
+- groups of `group_size` consecutive elements along the reduction dim K (-1: one group per row);
+- symmetric: scale = amax / divisor, divisor 7 for qrange (-7, 7), 7.5 for (-8, 7);
+  asymmetric: scale = (max - min) / (qmax - qmin), integer zero point in qrange;
+- scales computed in fp32, clamped into the finite positive range of `scale_dtype`, rounded to
+  `scale_dtype`, and that rounded value is what quantizes and dequantizes; round half to even;
+- packed layout: codes offset by 8 (0..15), packed along K, low nibble first: uint8 [N, K/2]
+  viewed as int32 [N, K/8] (compressed-tensors `pack-quantized`, ONNX `MatMulNBits`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "Int4Scheme",
+    "PackedWeight",
+    "round_to_dtype",
+    "compute_qparams",
+    "quantize_codes",
+    "dequantize_codes",
+    "fake_quantize_values",
+    "pack_int4",
+    "unpack_int4",
+    "quantize",
+    "dequantize",
+    "check_quantizable",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CODE_OFFSET = 8  # stored nibble = code + 8, so codes in [-8, 7] fit 0..15
+
+
+@dataclass(frozen=True)
+class Int4Scheme:
+    """How weights are quantized to INT4. Frozen, hashable, validated on construction."""
+
+    group_size: int = 32
+    symmetric: bool = True
+    qrange: tuple[int, int] = (-7, 7)
+    scale_dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self) -> None:
+        gs = self.group_size
+        if not isinstance(gs, int) or isinstance(gs, bool):
+            raise TypeError(f"group_size must be an int, got {type(gs).__name__}")
+        if gs != -1 and (gs < 8 or gs > 4096 or gs & (gs - 1)):
+            raise ValueError(
+                f"group_size must be -1 (per channel) or a power of two in [8, 4096], got {gs}"
+            )
+        qrange = tuple(self.qrange)
+        if qrange not in ((-7, 7), (-8, 7)):
+            raise ValueError(f"qrange must be (-7, 7) or (-8, 7), got {self.qrange!r}")
+        object.__setattr__(self, "qrange", qrange)
+        if self.scale_dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"scale_dtype must be one of float32, bfloat16, float16, got {self.scale_dtype}"
+            )
+
+    @property
+    def qmin(self) -> int:
+        return self.qrange[0]
+
+    @property
+    def qmax(self) -> int:
+        return self.qrange[1]
+
+    @property
+    def divisor(self) -> float:
+        """amax / divisor is the symmetric scale: 7 for (-7, 7), 7.5 for (-8, 7)."""
+        return 7.0 if self.qrange == (-7, 7) else 7.5
+
+    def group_size_for(self, k: int) -> int:
+        """The group size used for a reduction dim of length k (k itself when per channel)."""
+        return k if self.group_size == -1 else self.group_size
+
+    def to_dict(self) -> dict:
+        return {
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "qrange": list(self.qrange),
+            "scale_dtype": str(self.scale_dtype).removeprefix("torch."),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Int4Scheme:
+        dtype = d.get("scale_dtype", "bfloat16")
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        return cls(
+            group_size=int(d.get("group_size", 32)),
+            symmetric=bool(d.get("symmetric", True)),
+            qrange=tuple(d.get("qrange", (-7, 7))),
+            scale_dtype=dtype,
+        )
+
+
+def check_quantizable(
+    shape: torch.Size | tuple[int, ...], dim: int, scheme: Int4Scheme
+) -> str | None:
+    """Why a weight of this shape cannot be quantized along `dim`, or None when it can."""
+    if len(shape) < 2:
+        return f"a {len(shape)}-d tensor is not a matmul weight"
+    k = shape[dim]
+    g = scheme.group_size_for(k)
+    if k % g:
+        return f"reduction dim {dim} of size {k} is not divisible by group_size {g}"
+    if k % 8:
+        return f"reduction dim {dim} of size {k} is not divisible by 8 (int32 packing)"
+    return None
+
+
+def _grouped(w: torch.Tensor, dim: int, scheme: Int4Scheme) -> torch.Tensor:
+    """fp32 view of w with the reduction dim last, split into groups: [..., K/G, G]."""
+    reason = check_quantizable(w.shape, dim, scheme)
+    if reason is not None:
+        raise ValueError(f"cannot quantize weight of shape {tuple(w.shape)}: {reason}")
+    x = w.movedim(dim, -1).to(torch.float32)
+    g = scheme.group_size_for(x.shape[-1])
+    return x.reshape(*x.shape[:-1], x.shape[-1] // g, g)
+
+
+_MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+
+
+def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 x rounded to the nearest `dtype` value (ties to even), still as fp32.
+
+    Done with integer ops on the bits, not `.to(dtype).to(float32)`: compilers may elide that cast
+    pair (Inductor does), which would silently change every scale. Valid for x in the normal range
+    of `dtype`, which `compute_qparams` guarantees by clamping first.
+    """
+    drop = 23 - _MANTISSA_BITS[dtype]
+    if drop == 0:
+        return x
+    bits = x.view(torch.int32)
+    bits = bits + ((1 << (drop - 1)) - 1) + ((bits >> drop) & 1)
+    return (bits & ~((1 << drop) - 1)).view(torch.float32)
+
+
+def compute_qparams(
+    groups: torch.Tensor, scheme: Int4Scheme
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales and integer zero points (or None) of fp32 groups [..., G], both as fp32 tensors.
+
+    The scales hold values exactly representable in scale_dtype (storing them is lossless).
+    """
+    info = torch.finfo(scheme.scale_dtype)
+    if scheme.symmetric:
+        raw = groups.abs().amax(dim=-1) / scheme.divisor
+    else:
+        lo = groups.amin(dim=-1).clamp(max=0.0)
+        hi = groups.amax(dim=-1).clamp(min=0.0)
+        raw = (hi - lo) / float(scheme.qmax - scheme.qmin)
+    scales = round_to_dtype(raw.clamp(min=info.tiny, max=info.max), scheme.scale_dtype)
+    if scheme.symmetric:
+        return scales, None
+    zeros = (scheme.qmin - torch.round(lo / scales)).clamp(scheme.qmin, scheme.qmax)
+    return scales, zeros
+
+
+def quantize_codes(
+    groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, scheme: Int4Scheme
+) -> torch.Tensor:
+    """Integer codes (as fp32) in [qmin, qmax] of fp32 groups [..., G]."""
+    q = torch.round(groups / scales.float().unsqueeze(-1))
+    if zeros is not None:
+        q = q + zeros.float().unsqueeze(-1)
+    return q.clamp(scheme.qmin, scheme.qmax)
+
+
+def dequantize_codes(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
+) -> torch.Tensor:
+    """fp32 values of codes [..., K/G, G]: (code - zero) * scale, computed in fp32."""
+    c = codes.float()
+    if zeros is not None:
+        c = c - zeros.float().unsqueeze(-1)
+    return c * scales.float().unsqueeze(-1)
+
+
+def fake_quantize_values(w: torch.Tensor, scheme: Int4Scheme, dim: int = -1) -> torch.Tensor:
+    """dequantize(quantize(w)) computed without packing; same shape and dtype as w. No autograd."""
+    dim = dim % w.dim()
+    groups = _grouped(w, dim, scheme)
+    scales, zeros = compute_qparams(groups, scheme)
+    dq = dequantize_codes(quantize_codes(groups, scales, zeros, scheme), scales, zeros)
+    moved = w.movedim(dim, -1).shape
+    return dq.reshape(moved).to(w.dtype).movedim(-1, dim)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack integer codes [..., K] in [-8, 7] to int32 [..., K/8], low nibble = lower k."""
+    if codes.shape[-1] % 8:
+        raise ValueError(f"last dim {codes.shape[-1]} is not divisible by 8")
+    u = (codes.to(torch.int16) + CODE_OFFSET).to(torch.uint8)
+    byte = u[..., 0::2] | (u[..., 1::2] << 4)
+    return byte.contiguous().view(torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: int32 [..., K/8] -> int8 codes [..., K] in [-8, 7]."""
+    if packed.dtype != torch.int32:
+        raise TypeError(f"packed weights must be int32, got {packed.dtype}")
+    byte = packed.contiguous().view(torch.uint8)
+    lo = (byte & 0xF).to(torch.int8)
+    hi = (byte >> 4).to(torch.int8)
+    return torch.stack((lo, hi), dim=-1).flatten(-2) - CODE_OFFSET
+
+
+@dataclass
+class PackedWeight:
+    """A weight in the canonical packed format.
+
+    qweight: int32 [..., N, K/8]; scales: scale_dtype [..., N, K/G]; zeros: int8 [..., N, K/G]
+    (asymmetric only). `shape`/`dim`/`dtype` describe the original tensor: K = shape[dim].
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    shape: torch.Size
+    dim: int
+    dtype: torch.dtype
+    scheme: Int4Scheme = field(default_factory=Int4Scheme)
+
+    @property
+    def group_size(self) -> int:
+        return self.scheme.group_size_for(self.shape[self.dim])
+
+    def nbytes(self) -> int:
+        zeros = 0 if self.zeros is None else self.zeros.numel() * self.zeros.element_size()
+        return self.qweight.numel() * 4 + self.scales.numel() * self.scales.element_size() + zeros
+
+
+def quantize(w: torch.Tensor, scheme: Int4Scheme | None = None, dim: int = -1) -> PackedWeight:
+    """Quantize and pack w along its reduction dim `dim` (last by default, as for nn.Linear)."""
+    scheme = scheme or Int4Scheme()
+    if w.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"can only quantize float32/bfloat16/float16 weights, got {w.dtype}")
+    w = w.detach()
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"weight of shape {tuple(w.shape)} has {bad} non-finite values (NaN/Inf)")
+    dim = dim % w.dim()
+    groups = _grouped(w, dim, scheme)
+    scales, zeros = compute_qparams(groups, scheme)
+    codes = quantize_codes(groups, scales, zeros, scheme).to(torch.int8)
+    codes = codes.reshape(*groups.shape[:-2], -1)
+    return PackedWeight(
+        qweight=pack_int4(codes),
+        scales=scales.to(scheme.scale_dtype).contiguous(),
+        zeros=None if zeros is None else zeros.to(torch.int8).contiguous(),
+        shape=w.shape,
+        dim=dim,
+        dtype=w.dtype,
+        scheme=scheme,
+    )
+
+
+def dequantize(p: PackedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight a packed weight stands for, in its original shape and dtype (or `dtype`)."""
+    codes = unpack_int4(p.qweight)
+    g = p.group_size
+    codes = codes.reshape(*codes.shape[:-1], codes.shape[-1] // g, g)
+    dq = dequantize_codes(codes, p.scales, p.zeros)
+    moved = list(p.shape)
+    moved.append(moved.pop(p.dim))
+    return dq.reshape(moved).to(dtype or p.dtype).movedim(-1, p.dim)

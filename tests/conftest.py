@@ -1,0 +1,29 @@
+"""Shared test settings: tolerances (defined once), seeds, an isolated Inductor cache."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# A fresh Inductor/AOT cache per test session: cached artifacts keyed on a graph that holds the
+# qatpass op would otherwise survive a change of the op's Python implementation.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="qatpass-inductor-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tolerances, by what is compared.
+EXACT = {"rtol": 0.0, "atol": 0.0}
+# same math, different fp32 accumulation order (kernels, compiled vs eager matmuls)
+ACCUM = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2},
+    torch.float16: {"rtol": 2e-3, "atol": 2e-3},
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_reset():
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    yield
