@@ -67,7 +67,7 @@ class QatBackend:
         self.summaries.append(summary)
         record(summary)
         if debug_dir:
-            from qatpass.diff.debug_dump import dump_graph
+            from qatpass.graph_diff.debug_dump import dump_graph
 
             dump_graph(debug_dir, summary, before, gm.print_readable(print_output=False))
         return _compile(gm, example_inputs, self.config)

@@ -8,6 +8,10 @@ import tempfile
 # A fresh Inductor/AOT cache per test session: cached artifacts keyed on a graph that holds the
 # qatpass op would otherwise survive a change of the op's Python implementation.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="qatpass-inductor-"))
+# Without a GPU, Triton kernels run in the interpreter on CPU tensors; it must be set before triton
+# is first imported. On a CUDA machine the same tests run the compiled kernels.
+if os.environ.get("QATPASS_TEST_CUDA") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
