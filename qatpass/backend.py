@@ -12,19 +12,24 @@ backward through AOTAutograd), aot_eager or eager compiles the graph. This modul
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from qatpass.config import QatConfig
 from qatpass.passes.insert_fake_quant import insert_fake_quant, plan_weights
+from qatpass.passes.weight_uses import root_modules
 from qatpass.report import GraphSummary, record
+from qatpass.selection import is_experts_module
 
 __all__ = ["QatBackend", "backend", "qat4"]
 
 DEBUG_DIR_ENV = "QATPASS_DEBUG_DIR"
+log = logging.getLogger("qatpass")
 
 
 def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: QatConfig) -> Callable:
@@ -41,12 +46,35 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: QatConfi
         return compile_fx(gm, example_inputs)
 
 
+def _warn_uncapturable_experts(roots: Sequence[torch.nn.Module], warned: set[int]) -> None:
+    """Warn once per experts module that runs transformers' "eager" experts loop.
+
+    That loop iterates over a data-dependent list of experts and breaks the graph inside a for
+    loop, so Dynamo runs the whole experts forward uncompiled: the backend never sees those
+    weights and cannot fake-quantize them. "grouped_mm" (the default) and "batched_mm" compile.
+    """
+    for root in roots:
+        for name, module in root.named_modules():
+            cfg = getattr(module, "config", None)
+            impl = getattr(cfg, "_experts_implementation", None)
+            if impl == "eager" and is_experts_module(module) and id(module) not in warned:
+                warned.add(id(module))
+                log.warning(
+                    "qat4: %s uses transformers' 'eager' experts implementation, which torch.compile "
+                    "runs uncompiled (graph break in its data-dependent expert loop), so its expert "
+                    "weights are NOT fake-quantized; set config._experts_implementation to "
+                    "'grouped_mm' (default) or 'batched_mm'",
+                    name or type(module).__name__,
+                )
+
+
 class QatBackend:
     """A configured qat4 backend; keeps the summary of every graph it rewrote."""
 
     def __init__(self, config: QatConfig | None = None) -> None:
         self.config = config or QatConfig()
         self.summaries: list[GraphSummary] = []
+        self._warned: set[int] = set()
 
     def transform(
         self, gm: fx.GraphModule, example_inputs: Sequence[Any]
@@ -61,6 +89,7 @@ class QatBackend:
         return lower_graph(gm, example_inputs, planned, self.config), summary
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        _warn_uncapturable_experts(root_modules(), self._warned)
         debug_dir = os.environ.get(DEBUG_DIR_ENV)
         before = gm.print_readable(print_output=False) if debug_dir else None
         gm, summary = self.transform(gm, example_inputs)

@@ -24,6 +24,7 @@ __all__ = [
     "find_weight_uses",
     "op_name",
     "param_fqn",
+    "root_modules",
     "root_param_names",
 ]
 
@@ -302,24 +303,30 @@ def _is_param(node: fx.Node, example: object) -> bool:
     return isinstance(name, str) and "._parameters[" in name
 
 
-def root_param_names() -> dict[int, str]:
+def root_modules() -> list[torch.nn.Module]:
+    """The modules being torch.compile'd up the call stack (the user's models), outermost last."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    roots: list[torch.nn.Module] = []
+    frame = inspect.currentframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, OptimizedModule) and all(owner._orig_mod is not r for r in roots):
+            roots.append(owner._orig_mod)
+        frame = frame.f_back
+    return roots
+
+
+def root_param_names(roots: Sequence[torch.nn.Module] | None = None) -> dict[int, str]:
     """id(parameter) -> fully qualified name, for the models being compiled up the call stack.
 
     After a graph break inside a submodule, Dynamo's sources name parameters relative to that
     submodule ("experts.down_proj"); the torch.compile'd root module on the stack gives full names.
     """
-    from torch._dynamo.eval_frame import OptimizedModule
-
     names: dict[int, str] = {}
-    frame = inspect.currentframe()
-    seen: set[int] = set()
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, OptimizedModule) and id(owner) not in seen:
-            seen.add(id(owner))
-            for fqn, p in owner._orig_mod.named_parameters(remove_duplicate=True):
-                names.setdefault(id(p), fqn)
-        frame = frame.f_back
+    for root in root_modules() if roots is None else roots:
+        for fqn, p in root.named_parameters(remove_duplicate=True):
+            names.setdefault(id(p), fqn)
     return names
 
 
