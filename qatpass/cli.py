@@ -14,7 +14,11 @@ _SUBCOMMANDS = {
         "main",
         "run the QAT vs PTQ accuracy study (examples/qat_end_to_end.py)",
     ),
-    "diff": ("qatpass.graph_diff.cli", "main", "show what the pass does to a model's graphs and numbers"),
+    "diff": (
+        "qatpass.graph_diff.cli",
+        "main",
+        "show what the pass does to a model's graphs and numbers",
+    ),
     "export": ("qatpass.export.cli", "main", "export a model: compressed-tensors, onnx or pt2"),
 }
 
