@@ -1,0 +1,184 @@
+"""Training step time on this CPU: baseline vs qat4 vs torchao QAT, one run, JSON out.
+
+    python benchmarks/train_step.py --out results/train_step.json
+
+A small Llama-style model (HF LlamaForCausalLM from a config), AdamW, fwd + bwd + step. Variants:
+- baseline:        torch.compile(model) with Inductor, no quantization
+- qat4:            torch.compile(model, backend="qat4") (fake quant fused by Inductor)
+- torchao_eager:   torchao QATConfig(step="prepare") module swap, eager
+- torchao_compiled: the same, torch.compile with Inductor
+All use int4 weights, group 32, symmetric; lm_head and embeddings in high precision.
+Reports the median step time over `--steps` timed steps after `--warmup` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def make_model(dtype: torch.dtype, layers: int, hidden: int) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 64, 1),
+        num_key_value_heads=max(hidden // 128, 1),
+        max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def torchao_prepare(model: nn.Module) -> nn.Module:
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    weight = IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True)
+
+    def only_decoder_linears(module: nn.Module, fqn: str) -> bool:
+        return isinstance(module, nn.Linear) and "lm_head" not in fqn
+
+    quantize_(
+        model, QATConfig(weight_config=weight, step="prepare"), filter_fn=only_decoder_linears
+    )
+    return model
+
+
+def time_steps(
+    step: Callable[[], torch.Tensor], warmup: int, steps: int
+) -> tuple[float, float, list[float]]:
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), first, times
+
+
+def make_step(model: nn.Module, run: nn.Module, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> torch.Tensor:
+        loss = run(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def _child_args(argv: list[str] | None) -> list[str]:
+    """The parent's arguments minus --variants/--out, for a one-variant child process."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    out = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a in ("--variants", "--out"):
+            skip = True
+            continue
+        if a.startswith(("--variants=", "--out=")):
+            continue
+        out.append(a)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--variants", default="baseline,qat4,torchao_eager,torchao_compiled")
+    p.add_argument(
+        "--in-process", action="store_true", help="run variants here, not one process each"
+    )
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    base = make_model(dtype, args.layers, args.hidden)
+    ids = torch.randint(0, 1024, (args.batch, args.seq))
+    variants: dict[str, Callable[[], tuple[nn.Module, nn.Module]]] = {
+        "baseline": lambda m: (m, torch.compile(m)),
+        "qat4": lambda m: (m, torch.compile(m, backend="qat4")),
+        "torchao_eager": lambda m: (torchao_prepare(m), m),
+        "torchao_compiled": lambda m: (torchao_prepare(m), torch.compile(m)),
+    }
+    rows = {}
+    names = args.variants.split(",")
+    if len(names) > 1 and not args.in_process:
+        # one fresh process per variant: no variant inherits another's caches or allocator state
+        for name in names:
+            cmd = [sys.executable, __file__, *_child_args(argv), "--variants", name, "--in-process"]
+            child = json.loads(
+                subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            )
+            rows[name] = child["results"][name]
+            print(
+                f"{name:>17}: {rows[name].get('median_s', rows[name].get('error'))}",
+                file=sys.stderr,
+            )
+        names = []
+    for name in names:
+        build = variants[name]
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        try:
+            model, run = build(model)
+            median, first, times = time_steps(make_step(model, run, ids), args.warmup, args.steps)
+            rows[name] = {"median_s": median, "warmup_s": first, "times_s": times}
+        except Exception as e:  # a variant that cannot run here is recorded, not fatal
+            rows[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        print(f"{name:>17}: {rows[name].get('median_s', rows[name].get('error'))}", file=sys.stderr)
+    ref = rows.get("baseline", {}).get("median_s")
+    for row in rows.values():
+        if ref and "median_s" in row:
+            row["vs_baseline"] = row["median_s"] / ref
+    result = {
+        "benchmark": "train_step",
+        "config": vars(args),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "params_m": sum(p.numel() for p in base.parameters()) / 1e6,
+        "results": rows,
+    }
+    text = json.dumps(result, indent=2)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
