@@ -8,6 +8,7 @@ from qatpass import fake_quant as _fake_quant  # noqa: F401  (registers the op)
 from qatpass.backend import QatBackend, backend, qat4
 from qatpass.config import DEFAULT_EXCLUDE, QatConfig
 from qatpass.fake_quant import fake_quantize
+from qatpass.graph_diff import DiffReport, diff
 from qatpass.report import GraphSummary, reset_summary, summary
 from qatpass.scheme import Int4Scheme, PackedWeight, dequantize, pack_int4, quantize, unpack_int4
 from qatpass.selection import select_weights
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_EXCLUDE",
+    "DiffReport",
     "GraphSummary",
     "Int4Scheme",
     "PackedWeight",
@@ -23,6 +25,7 @@ __all__ = [
     "QatConfig",
     "backend",
     "dequantize",
+    "diff",
     "fake_quantize",
     "pack_int4",
     "qat4",
