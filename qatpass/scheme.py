@@ -205,14 +205,15 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"last dim {codes.shape[-1]} is not divisible by 8")
     u = (codes.to(torch.int16) + CODE_OFFSET).to(torch.uint8)
     byte = u[..., 0::2] | (u[..., 1::2] << 4)
-    return byte.contiguous().view(torch.int32)
+    # through 1-d: a dtype view needs plain strides, which contiguous() leaves alone on size-1 dims
+    return byte.contiguous().reshape(-1).view(torch.int32).reshape(*byte.shape[:-1], -1)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of pack_int4: int32 [..., K/8] -> int8 codes [..., K] in [-8, 7]."""
     if packed.dtype != torch.int32:
         raise TypeError(f"packed weights must be int32, got {packed.dtype}")
-    byte = packed.contiguous().view(torch.uint8)
+    byte = packed.contiguous().reshape(-1).view(torch.uint8).reshape(*packed.shape[:-1], -1)
     lo = (byte & 0xF).to(torch.int8)
     hi = (byte >> 4).to(torch.int8)
     return torch.stack((lo, hi), dim=-1).flatten(-2) - CODE_OFFSET

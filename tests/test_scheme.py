@@ -89,6 +89,12 @@ def test_pack_unpack_round_trip(lead, k8, seed):
     assert torch.equal(unpack_int4(pack_int4(codes)), codes)
 
 
+def test_pack_accepts_odd_strides_on_size_one_dims():
+    codes = torch.randint(-8, 8, (16, 1), dtype=torch.int8).t()  # [1, 16], stride (1, 1)
+    assert torch.equal(unpack_int4(pack_int4(codes)), codes)
+    assert torch.equal(unpack_int4(pack_int4(codes)[:, :1].t().t()), codes[:, :8])
+
+
 def test_unpack_rejects_wrong_dtype():
     with pytest.raises(TypeError, match="int32"):
         unpack_int4(torch.zeros(2, 2, dtype=torch.uint8))
