@@ -1,0 +1,319 @@
+"""What every W4A16 Triton kernel shares: in-register dequant, input checks, launch choices.
+
+`load_dequant` (byte tiles for tl.dot) and `gemv_row` (the GEMV inner loop) are the only
+places a kernel turns packed nibbles into weights; both mirror
+`qatpass.scheme.dequantize_codes` exactly: w = (code - zero) * scale in fp32, with
+code = nibble - 8 and the nibble of k at bits 4 * (k % 8) of int32 word k // 8, i.e. bits
+4 * (k % 2) of byte k // 2: both kernels read qweight as its uint8 [N, K/2] view.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+NIBBLES_PER_WORD = 8
+# Stand-in SM count off GPU: small, so tests on tiny shapes still take the split-K path.
+INTERPRETER_NUM_SMS = 4
+# The largest BLOCK_K of any config; every BLOCK_K is a power of two dividing it.
+MAX_BLOCK_K = 1024
+
+
+# float32 with bits 0x4B000000 | n is exactly 2**23 + n for n < 2**23: OR-ing a nibble into it
+# and subtracting 2**23 + 8 (+ zero) turns the nibble into its code in fp32 with no int->float
+# conversion instruction (those run at a fraction of the FMA rate and would bound a GEMV).
+MAGIC_BITS = tl.constexpr(0x4B000000)
+MAGIC_OFFSET = tl.constexpr(8388616.0)  # 2**23 + 8: the float above minus the code offset 8
+
+
+@triton.jit
+def load_dequant(
+    # packed weight as bytes (one matrix: the caller has already offset to its expert)
+    qbytes_ptr,  # uint8 [N, K/2]: the bytes of int32 qweight [N, K/8]; low nibble = even k
+    scales_ptr,  # float [N, K/G]
+    zeros_ptr,  # int8 [N, K/G] or None
+    # tile
+    offs_n,  # [BLOCK_N] output columns
+    k0,  # first k of the tile, a multiple of BLOCK_K
+    # sizes and row strides (elements)
+    N,
+    K,
+    stride_qn,  # bytes per row of qbytes
+    stride_sn,
+    stride_zn,
+    # meta
+    GROUP_SIZE: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """fp32 [BLOCK_K, BLOCK_N] tile of w.T, (code - zero) * scale; 0 outside [N, K].
+
+    The tl.dot form: each byte is loaded once and split into its two nibbles, which
+    join/permute/reshape interleave back into k order (k = 2 j + i for byte j, nibble i)
+    in registers.
+    """
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    mask_n = offs_n < N
+    mask = mask_n[None, :] if EVEN_K else mask_n[None, :] & (offs_b[:, None] < K // 2)
+    # int64 row offsets: N * K / 2 bytes can pass 2**31 (large vocab heads).
+    rows = offs_n.to(tl.int64)[None, :] * stride_qn
+    packed = tl.load(qbytes_ptr + rows + offs_b[:, None], mask=mask, other=0).to(tl.int32)
+    nibbles = tl.join((packed & 0xF) | MAGIC_BITS, (packed >> 4) | MAGIC_BITS)  # [BK/2, BN, 2]
+    nibbles = tl.reshape(tl.permute(nibbles, (0, 2, 1)), (BLOCK_K, BLOCK_N))
+    biased = nibbles.to(tl.float32, bitcast=True)
+    if GROUP_SIZE % BLOCK_K == 0:
+        # The whole tile lies in one group: one scale (and zero) per column.
+        group = k0 // GROUP_SIZE
+        scales = tl.load(scales_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0)
+        scales = scales.to(tl.float32)[None, :]
+        offset = MAGIC_OFFSET
+        if HAS_ZEROS:
+            zeros = tl.load(zeros_ptr + offs_n * stride_zn + group, mask=mask_n, other=0)
+            offset = MAGIC_OFFSET + zeros.to(tl.float32)[None, :]
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        group = offs_k // GROUP_SIZE
+        mask_g = mask_n[None, :] if EVEN_K else mask_n[None, :] & (offs_k[:, None] < K)
+        scales = tl.load(
+            scales_ptr + offs_n[None, :] * stride_sn + group[:, None], mask=mask_g, other=0.0
+        ).to(tl.float32)
+        offset = MAGIC_OFFSET
+        if HAS_ZEROS:
+            zeros = tl.load(
+                zeros_ptr + offs_n[None, :] * stride_zn + group[:, None], mask=mask_g, other=0
+            )
+            offset = MAGIC_OFFSET + zeros.to(tl.float32)
+    return (biased - offset) * scales
+
+
+@triton.jit
+def gemv_row(
+    # one row of activations, and one packed weight (pointers already at the right expert)
+    x_ptr,  # fp16/bf16/fp32, elements stride_xk apart
+    stride_xk,
+    qbytes_ptr,  # uint8 [N, K/2]: the bytes of int32 qweight [N, K/8]; low nibble = even k
+    scales_ptr,  # float [N, K/G]
+    zeros_ptr,  # int8 [N, K/G] or None
+    # tile: output rows offs_n [BLOCK_N], K blocks [kb_start, kb_end)
+    offs_n,
+    kb_start,
+    kb_end,
+    # sizes and row strides (elements)
+    N,
+    K,
+    stride_qn,  # bytes per row of qbytes
+    stride_sn,
+    stride_zn,
+    # meta
+    GROUP_SIZE: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
+    INTERPRET: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """fp32 [BLOCK_N]: sum over the K blocks of x[k] * w[n, k], w rounded to x's dtype.
+
+    The GEMV form: bytes are loaded once (vectorized) and split into nibbles that join/reshape
+    put back in k order in registers, so x is one contiguous vector load per block. Products
+    accumulate elementwise across the loop: one cross-lane reduction at the end.
+    """
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    mask_n = offs_n < N
+    # int64 row offsets: N * K / 2 bytes can pass 2**31 (large vocab heads).
+    rows = offs_n.to(tl.int64)[:, None] * stride_qn
+    for kb in range(kb_start, kb_end):
+        k0 = kb * BLOCK_K
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_n[:, None] if EVEN_K else mask_n[:, None] & (offs_b[None, :] < K // 2)
+        packed = tl.load(qbytes_ptr + rows + offs_b[None, :], mask=mask, other=0).to(tl.int32)
+        nibbles = tl.join((packed & 0xF) | MAGIC_BITS, (packed >> 4) | MAGIC_BITS)
+        biased = tl.reshape(nibbles, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)
+        if GROUP_SIZE % BLOCK_K == 0:
+            # The whole tile lies in one group: one scale (and zero) per row.
+            group = k0 // GROUP_SIZE
+            scales = tl.load(scales_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0)
+            scales = scales.to(tl.float32)[:, None]
+            offset = MAGIC_OFFSET
+            if HAS_ZEROS:
+                zeros = tl.load(zeros_ptr + offs_n * stride_zn + group, mask=mask_n, other=0)
+                offset = MAGIC_OFFSET + zeros.to(tl.float32)[:, None]
+        else:
+            group = offs_k // GROUP_SIZE
+            mask_g = mask_n[:, None] if EVEN_K else mask_n[:, None] & (offs_k[None, :] < K)
+            scales = tl.load(
+                scales_ptr + offs_n[:, None] * stride_sn + group[None, :], mask=mask_g, other=0.0
+            ).to(tl.float32)
+            offset = MAGIC_OFFSET
+            if HAS_ZEROS:
+                zeros = tl.load(
+                    zeros_ptr + offs_n[:, None] * stride_zn + group[None, :], mask=mask_g, other=0
+                )
+                offset = MAGIC_OFFSET + zeros.to(tl.float32)
+        # Same rounding as dequantize(p, dtype=x.dtype); the products are summed in fp32.
+        w = cast_rne((biased - offset) * scales, x_ptr.dtype.element_ty, INTERPRET)
+        if EVEN_K:
+            x = tl.load(x_ptr + offs_k * stride_xk)
+        else:
+            x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def cast_rne(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 x cast to DTYPE, rounding to nearest even.
+
+    The interpreter truncates fp32 -> bf16, so there the rounding is done on the bits first
+    (as `qatpass.scheme.round_to_dtype` does); GPUs round in the cast itself.
+    """
+    if INTERPRET and DTYPE == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        x = (bits & -65536).to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def size_hint(n: int | torch.SymInt, fallback: int = 256) -> int:
+    """A concrete value for launch choices (split-K, autotune buckets) that never guards.
+
+    Under torch.compile with dynamic shapes M is a SymInt; int(M) would specialize the graph on
+    each M. These choices affect speed only, so the example's value (a hint) is enough.
+    """
+    if isinstance(n, int):
+        return n
+    return optimization_hint(n, fallback=fallback)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def even_k(k: int) -> bool:
+    """K splits into whole blocks of every BLOCK_K the configs use (all divide MAX_BLOCK_K)."""
+    return k % MAX_BLOCK_K == 0
+
+
+def use_fp32_dot(x: torch.Tensor) -> bool:
+    """Upcast tl.dot operands to fp32: under the interpreter (bf16 dot is wrong there) or fp32 x."""
+    return interpreting() or x.device.type == "cpu" or x.dtype == torch.float32
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; a small stand-in elsewhere."""
+    if device.type == "cuda" and not interpreting():
+        return _cuda_sm_count(device.index if device.index is not None else 0)
+    return INTERPRETER_NUM_SMS
+
+
+def choose_split_k(tiles: int, k_blocks: int, sms: int, max_split: int = 16) -> int:
+    """Split K (power of two) until the output tiles fill the machine; 1 when they already do."""
+    split = 1
+    while tiles * split < sms and split * 2 <= min(k_blocks, max_split):
+        split *= 2
+    return split
+
+
+def fitting_configs(configs: list, fits, group_size: int) -> list:
+    """Configs whose tiles fit the shape (`fits`), narrowed to those whose BLOCK_K divides the
+    group size when any do (one scale per row per K step instead of a gather); the smallest
+    config when none fits. Never empty."""
+    kept = [c for c in configs if fits(c)]
+    in_group = [c for c in kept if group_size % c.kwargs["BLOCK_K"] == 0]
+    if in_group or kept:
+        return in_group or kept
+    return [min(configs, key=lambda c: sum(v for v in c.kwargs.values() if isinstance(v, int)))]
+
+
+def check_device(x: torch.Tensor, tensors: dict[str, torch.Tensor | None]) -> None:
+    """All tensors on x's device, and that device one Triton can run on."""
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if x.device.type == "cpu" and not interpreting():
+        raise RuntimeError(
+            "qatpass Triton kernels need a GPU; on CPU they run only in the Triton interpreter "
+            "(set TRITON_INTERPRET=1 before triton is imported)"
+        )
+
+
+def check_packed(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+    experts: bool,
+) -> tuple[int, int, int]:
+    """Validate a W4A16 call; returns (N, K, group size). `experts`: weights carry a leading E."""
+    for name, t in (("x", x), ("qweight", qweight), ("scales", scales)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if qweight.dtype != torch.int32:
+        raise TypeError(f"qweight must be int32 (8 packed int4 per element), got {qweight.dtype}")
+    if scales.dtype not in SCALE_DTYPES:
+        raise TypeError(f"scales must be float16, bfloat16 or float32, got {scales.dtype}")
+    if zeros is not None and zeros.dtype != torch.int8:
+        raise TypeError(f"zeros must be int8, got {zeros.dtype}")
+    if bias is not None and bias.dtype not in SCALE_DTYPES:
+        raise TypeError(f"bias must be float16, bfloat16 or float32, got {bias.dtype}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+
+    wdim = 3 if experts else 2
+    layout = "[E, N, K/8]" if experts else "[N, K/8]"
+    if qweight.dim() != wdim:
+        raise ValueError(f"qweight must be {layout}, got shape {tuple(qweight.shape)}")
+    if x.dim() < 1 or (experts and x.dim() != 2):
+        raise ValueError(f"x must be {'[T, K]' if experts else '[..., K]'}, got {tuple(x.shape)}")
+    k = x.shape[-1]
+    n = qweight.shape[-2]
+    if k == 0 or k != NIBBLES_PER_WORD * qweight.shape[-1]:
+        raise ValueError(
+            f"x has K={k} but qweight {tuple(qweight.shape)} holds K={8 * qweight.shape[-1]} "
+            "(K must be positive and equal 8 * qweight.shape[-1])"
+        )
+    if group_size != -1 and group_size <= 0:
+        raise ValueError(f"group_size must be positive or -1 (per channel), got {group_size}")
+    g = k if group_size == -1 else group_size
+    if k % g:
+        raise ValueError(f"K={k} is not divisible by group_size {g}")
+    if g % NIBBLES_PER_WORD:
+        raise ValueError(
+            f"group_size {g} must be a multiple of 8 (packed groups are whole int32 words)"
+        )
+    lead = tuple(qweight.shape[:-2])
+    want = (*lead, n, k // g)
+    if tuple(scales.shape) != want:
+        raise ValueError(
+            f"scales must have shape {want} ([..., N, K/group_size]), got {tuple(scales.shape)}"
+        )
+    if zeros is not None and tuple(zeros.shape) != want:
+        raise ValueError(f"zeros must have shape {want} like scales, got {tuple(zeros.shape)}")
+    if bias is not None and tuple(bias.shape) != (*lead, n):
+        raise ValueError(f"bias must have shape {(*lead, n)}, got {tuple(bias.shape)}")
+    check_device(x, {"qweight": qweight, "scales": scales, "zeros": zeros, "bias": bias})
+    return n, k, g
