@@ -4,11 +4,21 @@ cmodel = torch.compile(model, backend="qat4")      # fake-quant QAT, model code 
 qmodel = qatpass.convert(model)                    # packed INT4 weights for serving
 """
 
+from qatpass import export  # noqa: F401  (qatpass.export.* after `import qatpass`)
 from qatpass import fake_quant as _fake_quant  # noqa: F401  (registers the op)
 from qatpass.backend import QatBackend, backend, qat4
 from qatpass.config import DEFAULT_EXCLUDE, QatConfig
 from qatpass.fake_quant import fake_quantize
 from qatpass.graph_diff import DiffReport, diff
+from qatpass.lowering import (
+    W4A16Experts,
+    W4A16Linear,
+    convert,
+    install_packed,
+    packed_weights,
+    refresh,
+)
+from qatpass.lowering.graph_lowering import refresh_compiled
 from qatpass.report import GraphSummary, reset_summary, summary
 from qatpass.scheme import Int4Scheme, PackedWeight, dequantize, pack_int4, quantize, unpack_int4
 from qatpass.selection import select_weights
@@ -23,13 +33,20 @@ __all__ = [
     "PackedWeight",
     "QatBackend",
     "QatConfig",
+    "W4A16Experts",
+    "W4A16Linear",
     "backend",
+    "convert",
     "dequantize",
     "diff",
     "fake_quantize",
+    "install_packed",
     "pack_int4",
+    "packed_weights",
     "qat4",
     "quantize",
+    "refresh",
+    "refresh_compiled",
     "reset_summary",
     "select_weights",
     "summary",

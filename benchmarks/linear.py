@@ -1,0 +1,208 @@
+"""W4A16 linear on CPU: bf16 F.linear vs qatpass W4A16Linear vs torchao, one run, JSON out.
+
+    python benchmarks/linear.py --out results/linear.json [--threads 1,2] [--group-sizes 32,128]
+
+For each weight shape (N, K) and batch M: median wall time (ms) of
+- bf16:          F.linear(x, w) in bf16 (oneDNN / MKL)
+- qatpass:       `W4A16Linear` (the `qatpass::w4a16_linear` op) on the CPU fast path (aten int4
+                 GEMM on the one-time repack), and its per-call dequant fallback for comparison
+- torchao_int4:  `Int4WeightOnlyConfig(group_size=32)` (the error is recorded where it cannot run)
+- torchao_w8a8:  `Int8DynamicActivationInt8WeightConfig()`
+with speedups over bf16, and model bytes: packed (qweight + scales, what is saved/exported) and
+resident on CPU (plus the fast-path repack), each over bf16. Symmetric, group sizes 32 (the
+target) and 128. Each thread count in --threads is set with torch.set_num_threads and recorded
+per row. Variants are timed round-robin so a busy machine slows them alike. With CUDA it
+appends `run_cuda()` rows from benchmarks/cuda_linear.py.
+
+At M=1 the CPU kernel streams its weights: 0.5 byte/weight of nibbles plus its
+scales_and_zeros (scale and a zero of 0, 4 bytes per group), so the bandwidth bound over bf16's
+2 bytes/weight is 2 / (0.5 + 4/G): 3.2x at group 32, 3.76x at 128. Above M of about 8 the aten
+kernel is compute bound (it dequantizes per row block) and bf16 wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (N, K)
+MS = (1, 4, 16, 64)
+GROUP_SIZES = (32, 128)
+
+
+def median_ms(fns: dict[str, Callable[[], object]], repeats: int, budget_s: float) -> dict:
+    """Median ms of each callable, timed round-robin (one call of each per round).
+
+    Interleaving gives every variant the same share of a noisy machine's contention. After one
+    warmup call each, rounds run until `repeats` or budget_s (at least 3 rounds).
+    """
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < repeats and (rounds < 3 or time.perf_counter() - start < budget_s):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def _torchao(linear: nn.Linear, kind: str, group_size: int) -> nn.Module:
+    from torchao.quantization import (
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        quantize_,
+    )
+
+    config = (
+        Int4WeightOnlyConfig(group_size=group_size)
+        if kind == "int4"
+        else Int8DynamicActivationInt8WeightConfig()
+    )
+    module = nn.Sequential(nn.Linear(linear.in_features, linear.out_features, bias=False))
+    module = module.to(torch.bfloat16)
+    module[0].weight.data.copy_(linear.weight.data)
+    quantize_(module, config)
+    return module
+
+
+def _try(fn: Callable[[], object]) -> tuple[object, str | None]:
+    try:
+        return fn(), None
+    except Exception as e:  # recorded in the JSON: where torchao cannot run, say why
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def _shape_rows(n: int, k: int, group_size: int, ms, repeats: int, budget_s: float) -> list[dict]:
+    import qatpass
+    from qatpass.lowering import W4A16Linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(k, n, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.02)
+    w = linear.weight.detach()
+    packed = qatpass.quantize(w, qatpass.Int4Scheme(group_size=group_size))
+    fast = W4A16Linear(packed)
+    fallback = W4A16Linear(packed)
+    fallback.cpu_packed = fallback.cpu_scales_zeros = None  # the per-call dequant path
+    bf16_bytes = w.numel() * 2
+    cache = (fast.cpu_packed, fast.cpu_scales_zeros)
+    resident = packed.nbytes() + sum(t.numel() * t.element_size() for t in cache)
+    baselines = {}
+    for kind in ("int4", "w8a8"):
+        baselines[f"torchao_{kind}"] = _try(lambda kind=kind: _torchao(linear, kind, group_size))
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k).bfloat16()
+        fns = {
+            "bf16": lambda x=x: F.linear(x, w),
+            "qatpass": lambda x=x: fast(x),
+            "qatpass_fallback": lambda x=x: fallback(x),
+        }
+        row = {
+            "device": "cpu",
+            "threads": torch.get_num_threads(),
+            "N": n,
+            "K": k,
+            "M": m,
+            "group_size": group_size,
+        }
+        for name, (mod, err) in baselines.items():
+            if mod is not None:
+                _, err = _try(lambda mod=mod, x=x: mod(x))
+                if err is None:
+                    fns[name] = lambda mod=mod, x=x: mod(x)
+            if err is not None:
+                row[f"{name}_error"] = err
+        with torch.inference_mode():
+            ref = F.linear(x, qatpass.dequantize(packed, torch.bfloat16)).float()
+            row["fast_path"] = fast.cpu_fast_path_reason is None
+            row["qatpass_max_abs_diff_vs_dequant_ref"] = float((fast(x).float() - ref).abs().max())
+            row.update({f"{k}_ms": v for k, v in median_ms(fns, repeats, budget_s).items()})
+        for key in ("qatpass", "qatpass_fallback", "torchao_int4", "torchao_w8a8"):
+            if row.get(f"{key}_ms"):
+                row[f"{key}_speedup_vs_bf16"] = row["bf16_ms"] / row[f"{key}_ms"]
+        row["packed_bytes_over_bf16"] = packed.nbytes() / bf16_bytes
+        row["resident_bytes_over_bf16"] = resident / bf16_bytes
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def run_cpu(shapes, ms, group_sizes, threads, repeats: int, budget_s: float) -> list[dict]:
+    """One row per (threads, group size, N, K, M) on this CPU; times in ms."""
+    rows = []
+    for t in threads:
+        torch.set_num_threads(t)
+        for g in group_sizes:
+            for n, k in shapes:
+                rows += _shape_rows(n, k, g, ms, repeats, budget_s)
+    return rows
+
+
+def run_cuda_rows() -> list[dict]:
+    """benchmarks/cuda_linear.py's rows when CUDA is available (the kernel benchmark)."""
+    if not torch.cuda.is_available():
+        return []
+    path = Path(__file__).with_name("cuda_linear.py")
+    spec = importlib.util.spec_from_file_location("qatpass_cuda_linear", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run_cuda()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="write the JSON here (else stdout)")
+    ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
+    ap.add_argument("--group-sizes", default="32,128", help="comma-separated group sizes")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--budget-s", type=float, default=3.0, help="max timing per (N, K, M)")
+    ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,4096x14336 (N x K)")
+    ap.add_argument("--ms", default=None, help="comma-separated batch sizes M")
+    ap.add_argument("--quick", action="store_true", help="one small shape (a smoke test)")
+    args = ap.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")]
+    group_sizes = [int(g) for g in args.group_sizes.split(",")]
+    shapes, ms = (((256, 512),), (1, 4)) if args.quick else (SHAPES, MS)
+    if args.shapes:
+        shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+    if args.ms:
+        ms = [int(m) for m in args.ms.split(",")]
+    result = {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "platform": platform.platform(),
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
+        "repeats": args.repeats,
+        "cpu": run_cpu(shapes, ms, group_sizes, threads, args.repeats, args.budget_s),
+        "cuda": run_cuda_rows(),
+    }
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    else:
+        print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,498 @@
+"""compressed-tensors `pack-quantized` checkpoints (what vLLM and SGLang load), written and read.
+
+Per quantized linear `<name>`:
+    <name>.weight_packed      int32 [N, K/8]   our packed codes, exactly (code + 8, low nibble first)
+    <name>.weight_scale       [N, K/G]         scheme.scale_dtype (bf16 by default)
+    <name>.weight_shape       int64 [2]        (N, K)
+    <name>.weight_zero_point  int32 [ceil(N/8), K/G]   asymmetric only: codes + 8 packed along N
+Every other tensor is stored as it is (tied aliases dropped, as HF `save_pretrained` does).
+MoE experts stored as 3D parameters (HF transformers 5) are written per expert under the names the
+serving engines load: `<experts>.<e>.gate_proj|up_proj|down_proj.*`; the fused `gate_up_proj
+[E, 2I, H]` is `cat([gate_proj, up_proj], dim=1)` (transformers' conversion mapping), so it is
+split at row I. Splitting packed rows is exact: groups run along K, never across rows.
+
+Scale convention: scales are stored, so any reader dequantizes `(code - zero) * scale` to the same
+values whatever the qrange was; the qatpass scheme (qrange (-7, 7): scale = amax / 7) is recorded
+under `quantization_config["qatpass"]` and used on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qatpass.config import QatConfig
+from qatpass.export.safetensors_io import atomic_dir, read_tensors, write_shards
+from qatpass.export.weights import ModelWeights, PackedEntry, collect_weights, drop_tied
+from qatpass.scheme import CODE_OFFSET, Int4Scheme, PackedWeight, pack_int4, unpack_int4
+from qatpass.selection import EXPERT_PARAM_NAMES, is_experts_module
+
+__all__ = [
+    "save_compressed_tensors",
+    "load_compressed_tensors",
+    "packed_state_dict",
+    "quantization_config",
+    "read_checkpoint",
+    "pack_zero_points",
+    "unpack_zero_points",
+]
+
+FORMAT = "pack-quantized"
+QUANT_METHOD = "compressed-tensors"
+QATPASS_KEY = "qatpass"
+_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+
+
+# ----------------------------------------------------------------------------- zero points
+
+
+def pack_zero_points(zeros: torch.Tensor) -> torch.Tensor:
+    """int8 zero points [N, K/G] -> int32 [ceil(N/8), K/G], packed along N (compressed-tensors)."""
+    n = zeros.shape[0]
+    pad = -n % 8
+    z = zeros.t()
+    if pad:  # compressed-tensors pads with nibble 0, i.e. code -8
+        z = torch.cat([z, z.new_full((z.shape[0], pad), -CODE_OFFSET)], dim=1)
+    # canonical strides: a [1, N] transpose counts as contiguous but would break the int32 view
+    z = torch.empty(z.shape, dtype=z.dtype).copy_(z)
+    return pack_int4(z).t().contiguous()
+
+
+def unpack_zero_points(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of pack_zero_points: int32 [ceil(N/8), K/G] -> int8 [N, K/G]."""
+    return unpack_int4(packed.t().contiguous())[:, :n].t().contiguous()
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def _expert_parts(attr: str, packed: PackedWeight) -> list[tuple[str, slice]]:
+    """(per-expert projection name, row slice of the [N, K/8] rows) for an expert parameter."""
+    n = packed.qweight.shape[-2]
+    if attr == "gate_up_proj":
+        if n % 2:
+            raise ValueError(f"gate_up_proj has an odd number of rows ({n}); cannot split it")
+        return [("gate_proj", slice(0, n // 2)), ("up_proj", slice(n // 2, n))]
+    return [(attr, slice(0, n))]
+
+
+def _module_tensors(name: str, qweight, scales, zeros, k: int) -> dict[str, torch.Tensor]:
+    out = {
+        f"{name}.weight_packed": qweight.contiguous().clone(),
+        f"{name}.weight_scale": scales.contiguous().clone(),
+        f"{name}.weight_shape": torch.tensor([qweight.shape[0], k], dtype=torch.int64),
+    }
+    if zeros is not None:
+        out[f"{name}.weight_zero_point"] = pack_zero_points(zeros)
+    return out
+
+
+def _entry_tensors(entry: PackedEntry) -> dict[str, torch.Tensor]:
+    p = entry.packed
+    k = p.shape[p.dim]
+    if entry.kind == "linear":
+        return _module_tensors(entry.module_name, p.qweight, p.scales, p.zeros, k)
+    out: dict[str, torch.Tensor] = {}
+    for e in range(p.qweight.shape[0]):
+        for proj, rows in _expert_parts(entry.attr, p):
+            zeros = None if p.zeros is None else p.zeros[e, rows]
+            name = f"{entry.module_name}.{e}.{proj}"
+            out |= _module_tensors(name, p.qweight[e, rows], p.scales[e, rows], zeros, k)
+    return out
+
+
+def _state_dict(weights: ModelWeights) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for entry in weights.packed:
+        out |= _entry_tensors(entry)
+    for name, t in weights.tensors.items():
+        if name in out:
+            raise ValueError(f"tensor name {name!r} collides with a packed weight's name")
+        out[name] = t
+    return out
+
+
+def packed_state_dict(model: nn.Module, config: QatConfig | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the compressed-tensors checkpoint, in memory (no files).
+
+    For an inference engine's update-weights-from-tensors API; names as in the checkpoint.
+    """
+    return _state_dict(collect_weights(model, config))
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def quantization_config(scheme: Int4Scheme, ignore: list[str]) -> dict[str, Any]:
+    """The `quantization_config` entry of config.json for a qatpass scheme."""
+    per_channel = scheme.group_size == -1
+    weights = {
+        "num_bits": 4,
+        "type": "int",
+        "symmetric": scheme.symmetric,
+        "strategy": "channel" if per_channel else "group",
+        "group_size": None if per_channel else scheme.group_size,
+        "dynamic": False,
+        "actorder": None,
+        "block_structure": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": None,
+                "output_activations": None,
+                "format": FORMAT,
+            }
+        },
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        QATPASS_KEY: {"scheme": scheme.to_dict(), "format_version": 1},
+    }
+
+
+def _model_config(model: nn.Module) -> dict[str, Any]:
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return {}
+    d = cfg.to_dict()
+    if not d.get("architectures"):
+        d["architectures"] = [type(model).__name__]
+    if d.get("dtype") is None:
+        floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+        if floats:
+            d["dtype"] = str(floats[0]).removeprefix("torch.")
+    return d
+
+
+def save_compressed_tensors(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    config: QatConfig | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Write `model` as a compressed-tensors `pack-quantized` checkpoint directory.
+
+    `model` is a training model (float weights, quantized here with `config`) or a converted
+    model (packed weights written as they are). Writes safetensors (sharded with
+    `model.safetensors.index.json` above `max_shard_size`) and config.json (the HF model config,
+    when the model has one, plus `quantization_config`). All or nothing: the directory appears
+    only when complete. Returns the directory.
+    """
+    weights = collect_weights(model, config)
+    if not weights.packed:
+        raise ValueError("no weight of the model is quantized under this config; nothing to pack")
+    tensors = _state_dict(weights)
+    cfg = _model_config(model)
+    cfg["quantization_config"] = quantization_config(weights.scheme, weights.ignore)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_shards(tensors, tmp, max_shard_size)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    cfile = path / "config.json"
+    if not cfile.is_file():
+        raise FileNotFoundError(f"{path} has no config.json")
+    try:
+        cfg = json.loads(cfile.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfile} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfile} must hold a JSON object")
+    return cfg
+
+
+def _scheme_from(qc: Any, where: Path, scale_dtype: torch.dtype | None) -> Int4Scheme:
+    """The qatpass scheme a quantization_config describes; refuses what qatpass cannot run."""
+    if not isinstance(qc, dict):
+        raise ValueError(f"{where} has no quantization_config")
+    if qc.get("quant_method") != QUANT_METHOD or qc.get("format") != FORMAT:
+        raise ValueError(
+            f"{where}: quantization_config is {qc.get('quant_method')!r}/{qc.get('format')!r}, "
+            f"expected {QUANT_METHOD!r}/{FORMAT!r}"
+        )
+    groups = qc.get("config_groups") or {}
+    if len(groups) != 1:
+        raise ValueError(f"{where}: expected exactly one config group, got {len(groups)}")
+    (group,) = groups.values()
+    w = group.get("weights") or {}
+    if w.get("num_bits") != 4 or w.get("type") != "int":
+        raise ValueError(
+            f"{where}: weights must be 4-bit int, got {w.get('num_bits')} {w.get('type')}"
+        )
+    if group.get("input_activations") is not None:
+        raise ValueError(f"{where}: activation quantization is not supported (W4A16 only)")
+    strategy = w.get("strategy")
+    if strategy == "group":
+        group_size = w.get("group_size")
+    elif strategy == "channel":
+        group_size = -1
+    else:
+        raise ValueError(f"{where}: weight strategy {strategy!r} is not 'group' or 'channel'")
+    symmetric = w.get("symmetric", True)
+    saved = (qc.get(QATPASS_KEY) or {}).get("scheme")
+    try:
+        # without a qatpass record: compressed-tensors' own convention, scale = amax / 7.5
+        recorded = Int4Scheme.from_dict(saved) if saved is not None else None
+        scheme = Int4Scheme(
+            group_size=group_size,
+            symmetric=bool(symmetric),
+            qrange=recorded.qrange if recorded else (-8, 7),
+            scale_dtype=scale_dtype or (recorded.scale_dtype if recorded else torch.bfloat16),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: quantization_config is not runnable by qatpass: {e}") from e
+    if recorded and (recorded.group_size, recorded.symmetric) != (group_size, symmetric):
+        raise ValueError(
+            f"{where}: weights (group_size {group_size}, symmetric={symmetric}) disagree with the "
+            f"recorded qatpass scheme (group_size {recorded.group_size}, "
+            f"symmetric={recorded.symmetric})"
+        )
+    return scheme
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    module, _, suffix = name.rpartition(".")
+    return module, suffix
+
+
+def _check_module(module: str, parts: dict[str, torch.Tensor], scheme: Int4Scheme) -> int:
+    """Validate one module's packed tensors against each other and the scheme; return K."""
+    for suffix in ("weight_packed", "weight_scale", "weight_shape"):
+        if suffix not in parts:
+            raise ValueError(f"{module}: {suffix} is missing from the checkpoint")
+    if ("weight_zero_point" in parts) == scheme.symmetric:
+        what = "has" if scheme.symmetric else "lacks"
+        raise ValueError(
+            f"{module} {what} weight_zero_point but config.json says symmetric={scheme.symmetric}"
+        )
+    qweight, scales, shape = parts["weight_packed"], parts["weight_scale"], parts["weight_shape"]
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise ValueError(
+            f"{module}.weight_packed must be int32 [N, K/8], got {qweight.dtype} {list(qweight.shape)}"
+        )
+    if shape.dtype not in (torch.int64, torch.int32) or shape.shape != (2,):
+        raise ValueError(f"{module}.weight_shape must be an int tensor of 2 values")
+    n, k = (int(v) for v in shape.tolist())
+    if qweight.shape != (n, k // 8) or k % 8:
+        raise ValueError(
+            f"{module}.weight_packed has shape {list(qweight.shape)}, but weight_shape "
+            f"{[n, k]} needs [{n}, {k // 8}]"
+        )
+    g = scheme.group_size_for(k)
+    if k % g:
+        raise ValueError(f"{module}: K={k} is not divisible by config.json's group_size {g}")
+    if not scales.is_floating_point() or scales.shape != (n, k // g):
+        raise ValueError(
+            f"{module}.weight_scale has shape {list(scales.shape)} ({scales.dtype}), but "
+            f"config.json's group_size {scheme.group_size} needs float [{n}, {k // g}]"
+        )
+    if "weight_zero_point" in parts:
+        zp = parts["weight_zero_point"]
+        if zp.dtype != torch.int32 or zp.shape != (-(-n // 8), k // g):
+            raise ValueError(
+                f"{module}.weight_zero_point must be int32 [{-(-n // 8)}, {k // g}], "
+                f"got {zp.dtype} {list(zp.shape)}"
+            )
+    return k
+
+
+def read_checkpoint(
+    path: str | os.PathLike,
+) -> tuple[dict[str, Any], Int4Scheme, dict[str, PackedWeight], dict[str, torch.Tensor]]:
+    """(config.json, scheme, {module name: 2D PackedWeight}, {other tensors}) of a checkpoint.
+
+    Every packed module is validated against config.json (shapes, dtypes, group size).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory")
+    cfg = _read_config(path)
+    tensors = read_tensors(path)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    plain: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        module, suffix = _split_name(name)
+        if suffix in _SUFFIXES:
+            modules.setdefault(module, {})[suffix] = t
+        else:
+            plain[name] = t
+    scale_dtypes = {
+        parts["weight_scale"].dtype for parts in modules.values() if "weight_scale" in parts
+    }
+    if len(scale_dtypes) > 1:
+        raise ValueError(
+            f"{path}: weight_scale tensors have mixed dtypes {sorted(map(str, scale_dtypes))}"
+        )
+    scale_dtype = scale_dtypes.pop() if scale_dtypes else None
+    if scale_dtype is not None and scale_dtype not in (
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+    ):
+        raise ValueError(f"{path}: weight_scale dtype {scale_dtype} is not a float type")
+    scheme = _scheme_from(cfg.get("quantization_config"), path / "config.json", scale_dtype)
+    dtype = getattr(torch, str(cfg.get("dtype") or cfg.get("torch_dtype") or ""), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        dtype = scheme.scale_dtype
+    packed: dict[str, PackedWeight] = {}
+    for module, parts in modules.items():
+        k = _check_module(module, parts, scheme)
+        n = parts["weight_packed"].shape[0]
+        zp = parts.get("weight_zero_point")
+        packed[module] = PackedWeight(
+            qweight=parts["weight_packed"],
+            scales=parts["weight_scale"],
+            zeros=None if zp is None else unpack_zero_points(zp, n),
+            shape=torch.Size([n, k]),
+            dim=1,
+            dtype=dtype,
+            scheme=scheme,
+        )
+    return cfg, scheme, packed, plain
+
+
+_EXPERT_RE = re.compile(r"^(?P<experts>.+)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+
+
+def _build_model(cfg: dict[str, Any], path: Path) -> nn.Module:
+    """An HF transformers model from config.json (random weights, replaced on load)."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("loading without a model skeleton needs transformers") from e
+    archs = cfg.get("architectures") or []
+    if not archs or not hasattr(transformers, archs[0]):
+        raise ValueError(
+            f"{path}/config.json names no transformers architecture ({archs}); pass model="
+        )
+    d = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    hf_config = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    model = getattr(transformers, archs[0])(hf_config)
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        model = model.to(getattr(torch, dtype))
+    return model.eval()
+
+
+def _gather(
+    model: nn.Module, packed: dict[str, PackedWeight]
+) -> dict[tuple[str, str], tuple[str, PackedWeight]]:
+    """{(module name, attr): (kind, PackedWeight)} in the model's layout: experts re-stacked."""
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out: dict[tuple[str, str], tuple[str, PackedWeight]] = {}
+    experts: dict[tuple[str, str], dict[int, PackedWeight]] = {}
+    for name, p in packed.items():
+        module = modules.get(name)
+        m = _EXPERT_RE.match(name)
+        if isinstance(module, nn.Linear):
+            w = module.weight
+            if tuple(w.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"{name}: checkpoint weight_shape {list(p.shape)} != model's {list(w.shape)}"
+                )
+            out[(name, "weight")] = ("linear", _with(p, w.shape, 1, w.dtype))
+        elif m and is_experts_module(modules.get(m["experts"], nn.Module())):
+            attr = "gate_up_proj" if m["proj"] in ("gate_proj", "up_proj") else m["proj"]
+            if f"{m['experts']}.{attr}" not in params:
+                attr = m["proj"]
+            experts.setdefault((m["experts"], f"{attr}:{m['proj']}"), {})[int(m["e"])] = p
+        else:
+            raise ValueError(f"checkpoint module {name!r} is not a linear or expert of the model")
+    stacked: dict[tuple[str, str], dict[str, list[PackedWeight]]] = {}
+    for (mname, key), by_e in experts.items():
+        attr, proj = key.split(":")
+        w = params.get(f"{mname}.{attr}")
+        if w is None or attr not in EXPERT_PARAM_NAMES:
+            raise ValueError(f"{mname}.{proj}: the model has no expert parameter {attr!r}")
+        if sorted(by_e) != list(range(w.shape[0])):
+            raise ValueError(
+                f"{mname}.{proj}: checkpoint has experts {sorted(by_e)}, model {w.shape[0]}"
+            )
+        parts = [by_e[e] for e in range(w.shape[0])]
+        stacked.setdefault((mname, attr), {})[proj] = parts
+    for (mname, attr), projs in stacked.items():
+        w = params[f"{mname}.{attr}"]
+        order = ["gate_proj", "up_proj"] if attr == "gate_up_proj" else [attr]
+        if sorted(projs) != sorted(order):
+            raise ValueError(f"{mname}.{attr}: checkpoint has {sorted(projs)}, needs {order}")
+        # per expert, its projections in row order (gate rows before up rows)
+        rows = [[projs[proj][e] for proj in order] for e in range(w.shape[0])]
+        qweight = torch.stack([torch.cat([p.qweight for p in r]) for r in rows])
+        scales = torch.stack([torch.cat([p.scales for p in r]) for r in rows])
+        zeros = None
+        if rows[0][0].zeros is not None:
+            zeros = torch.stack([torch.cat([p.zeros for p in r]) for r in rows])
+        dim = 1 if getattr(modules[mname], "is_transposed", False) else 2
+        n_k = (w.shape[2], w.shape[1]) if dim == 1 else (w.shape[1], w.shape[2])
+        if tuple(qweight.shape[1:]) != (n_k[0], n_k[1] // 8):
+            raise ValueError(
+                f"{mname}.{attr}: checkpoint experts pack to {list(qweight.shape)}, model "
+                f"parameter {list(w.shape)} needs [{w.shape[0]}, {n_k[0]}, {n_k[1] // 8}]"
+            )
+        p0 = rows[0][0]
+        out[(mname, attr)] = (
+            "experts",
+            PackedWeight(qweight, scales, zeros, w.shape, dim, w.dtype, p0.scheme),
+        )
+    return out
+
+
+def _with(p: PackedWeight, shape, dim: int, dtype: torch.dtype) -> PackedWeight:
+    return PackedWeight(p.qweight, p.scales, p.zeros, torch.Size(shape), dim, dtype, p.scheme)
+
+
+def load_compressed_tensors(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """A qatpass inference model (packed W4A16 modules) from a `pack-quantized` checkpoint.
+
+    `model`: a skeleton with the checkpoint's architecture (left untouched: a copy is filled);
+    None builds the HF transformers model from config.json. Outputs equal `qatpass.convert` of
+    the model that was saved.
+    """
+    import copy
+
+    from qatpass.lowering import install_packed
+
+    path = Path(path)
+    cfg, _, packed, plain = read_checkpoint(path)
+    model = _build_model(cfg, path) if model is None else copy.deepcopy(model)
+    weights = _gather(model, packed)
+    replaced = {f"{m}.{a}" for m, a in weights}
+    state = model.state_dict()
+    expected = {k for k in state if k not in replaced}
+    _, tied = drop_tied(dict(state))
+    missing = sorted(k for k in expected - set(plain) if k not in tied)
+    unexpected = sorted(set(plain) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for name, t in plain.items():
+        if state[name].shape != t.shape:
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {list(t.shape)}, model {list(state[name].shape)}"
+            )
+    model.load_state_dict(plain, strict=False)
+    return install_packed(model, weights)

@@ -1,0 +1,269 @@
+"""Packed inference modules: `W4A16Linear` (for nn.Linear) and `W4A16Experts` (HF MoE experts).
+
+Each holds the canonical packed buffers (qweight, scales, zeros; what exporters and
+`packed_weights` read) and, on CPU when `cpu_int4` allows, a repack for aten's int4 GEMM
+(non-persistent buffers `cpu_packed` / `cpu_scales_zeros`: a cache derived from the canonical
+ones, rebuilt by `repack_`, never saved). Forward calls the W4A16 ops; `repack_` re-quantizes
+new master weights into the same tensors, in place, so compiled graphs see them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qatpass.lowering import ops as _ops  # noqa: F401  (registers the ops)
+from qatpass.lowering.cpu_int4 import cpu_pack_reason, pack_for_cpu, repack_for_cpu_
+from qatpass.scheme import Int4Scheme, PackedWeight, quantize
+
+__all__ = ["PackedConstant", "PackedMixin", "W4A16Linear", "W4A16Experts"]
+
+
+class PackedMixin:
+    """Buffers and bookkeeping shared by the packed modules (one or more packed weights)."""
+
+    scheme: Int4Scheme
+
+    def _register_packed(self, prefix: str, p: PackedWeight) -> None:
+        self.register_buffer(f"{prefix}qweight", p.qweight)
+        self.register_buffer(f"{prefix}scales", p.scales)
+        self.register_buffer(f"{prefix}zeros", p.zeros)
+        n = p.qweight.shape[-2]
+        reason = cpu_pack_reason(n, p.group_size, self.scheme.symmetric, p.scales.dtype, p.dtype)
+        cache = None
+        if reason is None and p.qweight.device.type == "cpu":
+            cache = pack_for_cpu(p.qweight, p.scales, group_size=p.group_size, dtype=p.dtype)
+        self.register_buffer(f"{prefix}cpu_packed", None if cache is None else cache[0], False)
+        self.register_buffer(
+            f"{prefix}cpu_scales_zeros", None if cache is None else cache[1], False
+        )
+        self.cpu_fast_path_reason = reason  # None: the CPU fast path is used
+
+    def _apply(self, fn, recurse=True):
+        """.to(dtype) / .half() / .float() must not re-round the scales: they keep their dtype.
+
+        (Devices still move.) A cast model then runs on activations of another dtype through
+        the exact fallback.
+        """
+        keep = {
+            name: b
+            for name, b in self._buffers.items()
+            if b is not None and name.endswith(("scales", "scales_zeros"))
+        }
+        out = super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return out
+
+    def _packed(self, prefix: str, shape: torch.Size, dim: int) -> PackedWeight:
+        return PackedWeight(
+            getattr(self, f"{prefix}qweight"),
+            getattr(self, f"{prefix}scales"),
+            getattr(self, f"{prefix}zeros"),
+            shape,
+            dim,
+            self.orig_dtype,
+            self.scheme,
+        )
+
+    def _cache(self, prefix: str) -> dict[str, torch.Tensor | None]:
+        """The CPU repack to pass to the op; none while exporting (exports read canonical ones)."""
+        if torch.compiler.is_exporting():
+            return {}
+        return {
+            "cpu_packed": getattr(self, f"{prefix}cpu_packed"),
+            "cpu_scales_zeros": getattr(self, f"{prefix}cpu_scales_zeros"),
+        }
+
+    @torch.no_grad()
+    def _repack(self, prefix: str, weight: torch.Tensor, shape: torch.Size, dim: int) -> None:
+        if tuple(weight.shape) != tuple(shape):
+            raise ValueError(
+                f"refresh: new weight has shape {tuple(weight.shape)}, the packed one "
+                f"{tuple(shape)}"
+            )
+        p = quantize(weight.detach().to(getattr(self, f"{prefix}qweight").device), self.scheme, dim)
+        getattr(self, f"{prefix}qweight").copy_(p.qweight)
+        getattr(self, f"{prefix}scales").copy_(p.scales)
+        if p.zeros is not None:
+            getattr(self, f"{prefix}zeros").copy_(p.zeros)
+        cpu_packed = getattr(self, f"{prefix}cpu_packed")
+        if cpu_packed is not None:
+            repack_for_cpu_(
+                cpu_packed,
+                getattr(self, f"{prefix}cpu_scales_zeros"),
+                p.qweight,
+                p.scales,
+                group_size=p.group_size,
+            )
+
+
+class W4A16Linear(PackedMixin, nn.Module):
+    """nn.Linear with INT4 packed weights and 16-bit (or fp32) activations."""
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if packed.qweight.dim() != 2 or packed.dim != 1:
+            raise ValueError(
+                f"W4A16Linear needs a packed [N, K] weight reduced along dim 1, got qweight "
+                f"{tuple(packed.qweight.shape)} dim {packed.dim}"
+            )
+        self.out_features, self.in_features = int(packed.shape[0]), int(packed.shape[1])
+        self.scheme = packed.scheme
+        self.group_size = packed.group_size
+        self.orig_dtype = packed.dtype
+        self._register_packed("", packed)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: Int4Scheme) -> W4A16Linear:
+        return cls(quantize(linear.weight.detach(), scheme, dim=1), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qatpass.w4a16_linear(
+            x,
+            self.qweight,
+            self.scales,
+            self.zeros,
+            self.bias,
+            **self._cache(""),
+            group_size=self.group_size,
+        )
+
+    def packed(self) -> PackedWeight:
+        return self._packed("", torch.Size((self.out_features, self.in_features)), 1)
+
+    def repack_(self, weight: torch.Tensor) -> None:
+        """Re-quantize from new master weights [N, K], in place."""
+        self._repack("", weight, torch.Size((self.out_features, self.in_features)), 1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, group_size={self.group_size}, "
+            f"symmetric={self.scheme.symmetric}, cpu_fast_path={self.cpu_fast_path_reason is None}"
+        )
+
+
+def _default_gate(module: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return module.act_fn(gate) * up
+
+
+class W4A16Experts(PackedMixin, nn.Module):
+    """HF transformers MoE experts (3D expert weights) with INT4 packed weights.
+
+    Same forward as the module it replaces, `(hidden_states [T, H], top_k_index [T, k],
+    top_k_weights [T, k]) -> [T, H]`, computed like transformers' batched_mm implementation (rows
+    repeated per selected expert, routing weights applied, fp32 sum over the k experts) with
+    `qatpass::w4a16_grouped_linear`. Keeps the original's act_fn, gate function, biases and post
+    norm; expert parallelism sentinels are not supported.
+    """
+
+    def __init__(self, experts: nn.Module, packed: dict[str, PackedWeight]) -> None:
+        super().__init__()
+        if not packed:
+            raise ValueError("W4A16Experts needs at least one packed expert weight")
+        schemes = {p.scheme for p in packed.values()}
+        if len(schemes) != 1:
+            raise ValueError(f"W4A16Experts: expert weights use different schemes {schemes}")
+        self.scheme = schemes.pop()
+        self.orig_dtype = next(iter(packed.values())).dtype
+        self.num_experts = int(next(iter(packed.values())).shape[0])
+        self.has_gate = bool(getattr(experts, "has_gate", hasattr(experts, "gate_up_proj")))
+        self.is_transposed = bool(getattr(experts, "is_transposed", False))
+        self.has_bias = bool(getattr(experts, "has_bias", False))
+        self.has_post_expert_norm = bool(getattr(experts, "has_post_expert_norm", False))
+        if getattr(experts, "_is_expert_parallel", False):
+            raise ValueError("W4A16Experts: expert-parallel experts modules are not supported")
+        # plain attributes a custom gate function may read (alpha, limit, ...)
+        for key, value in vars(experts).items():
+            if not key.startswith("_") and isinstance(value, (bool, int, float, str)):
+                self.__dict__.setdefault(key, value)
+        for name, child in experts.named_children():
+            self.add_module(name, child)
+        gate_fn = getattr(type(experts), "_apply_gate", None)
+        self._gate_fn = gate_fn if gate_fn is not None else _default_gate
+        self.shapes: dict[str, torch.Size] = {}
+        self.dims: dict[str, int] = {}
+        self.group_sizes: dict[str, int] = {}
+        for attr, p in packed.items():
+            self._register_packed(f"{attr}_", p)
+            self.shapes[attr] = torch.Size(p.shape)
+            self.dims[attr] = p.dim
+            self.group_sizes[attr] = p.group_size
+        # every other parameter (biases, unquantized experts) is kept as it was
+        for name, param in experts.named_parameters(recurse=False):
+            if name not in packed:
+                self.register_parameter(name, param)
+        self.up_name = "gate_up_proj" if self.has_gate else "up_proj"
+
+    def _project(self, attr: str, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self, f"{attr}_bias", None) if self.has_bias else None
+        if attr not in self.shapes:  # left in high precision (excluded): gather, as batched_mm
+            w = getattr(self, attr)[expert_ids]
+            w = w if self.is_transposed else w.transpose(-2, -1)
+            y = torch.bmm(x.unsqueeze(1), w).squeeze(1)
+            return y if bias is None else y + bias[expert_ids]
+        return torch.ops.qatpass.w4a16_grouped_linear(
+            x,
+            getattr(self, f"{attr}_qweight"),
+            getattr(self, f"{attr}_scales"),
+            expert_ids,
+            getattr(self, f"{attr}_zeros"),
+            bias,
+            **self._cache(f"{attr}_"),
+            group_size=self.group_sizes[attr],
+        )
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        num_tokens, hidden_dim = hidden_states.shape
+        top_k = top_k_index.shape[-1]
+        expert_ids = top_k_index.reshape(-1)
+        x = hidden_states.repeat_interleave(top_k, dim=0)
+        h = self._project(self.up_name, x, expert_ids)
+        h = self._gate_fn(self, h) if self.has_gate else self.act_fn(h)
+        y = self._project("down_proj", h, expert_ids)
+        if self.has_post_expert_norm:
+            y = self.post_expert_norm(y)
+        y = y * top_k_weights.reshape(-1, 1)
+        return y.view(num_tokens, top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+    def packed(self) -> dict[str, PackedWeight]:
+        return {a: self._packed(f"{a}_", s, self.dims[a]) for a, s in self.shapes.items()}
+
+    def repack_(self, weights: dict[str, torch.Tensor]) -> None:
+        """Re-quantize from new master expert weights {attr: [E, N, K] tensor}, in place."""
+        for attr, w in weights.items():
+            if attr not in self.shapes:
+                raise KeyError(f"W4A16Experts has no packed weight {attr!r}")
+            self._repack(f"{attr}_", w, self.shapes[attr], self.dims[attr])
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, packed={sorted(self.shapes)}, "
+            f"group_size={self.scheme.group_size}, symmetric={self.scheme.symmetric}"
+        )
+
+
+class PackedConstant(PackedMixin, nn.Module):
+    """One packed weight as buffers, no forward: the constants of a lowered graph."""
+
+    def __init__(self, packed: PackedWeight) -> None:
+        super().__init__()
+        self.scheme = packed.scheme
+        self.orig_dtype = packed.dtype
+        self.shape = torch.Size(packed.shape)
+        self.dim = packed.dim
+        self.group_size = packed.group_size
+        self._register_packed("", packed)
+
+    def packed(self) -> PackedWeight:
+        return self._packed("", self.shape, self.dim)
+
+    def repack_(self, weight: torch.Tensor) -> None:
+        self._repack("", weight, self.shape, self.dim)

@@ -1,0 +1,216 @@
+"""The W4A16 ops: `qatpass::w4a16_linear` and `qatpass::w4a16_grouped_linear` (MoE experts).
+
+    y = torch.ops.qatpass.w4a16_linear(x, qweight, scales, zeros, bias, group_size=32)
+    y = torch.ops.qatpass.w4a16_grouped_linear(x, qweight, scales, ids, zeros, bias,
+                                               group_size=32)
+
+Inputs are the canonical packed format (`qatpass.scheme`): qweight int32 [N, K/8], scales
+[N, K/G], zeros int8 [N, K/G] or None (symmetric), bias [N] or None; experts add a leading E and
+take one expert id per row of x (`expert_ids` [T]). group_size -1 means per channel. Output: [..., N] in x.dtype,
+equal to `F.linear(x, dequantize(p, x.dtype), bias)` up to summation order (and, on the CPU
+fast path, the rounding of the weights to x.dtype, which the kernel skips).
+
+Both are `torch.library.triton_op`s whose body branches on the device: CUDA runs the Triton
+launchers of `qatpass.triton_kernels` (imported there, lazily); CPU runs `cpu_int4`: aten's int4
+GEMM on the optional `cpu_packed` / `cpu_scales_zeros` repack (built once by the caller, see
+`cpu_int4.pack_for_cpu`), else the dequantizing fallback. torch.compile traces into the body
+(Inductor sees the kernels), torch.export keeps the op as one node. The grouped CPU body loops
+over the experts present, which is data dependent, so it is its own opaque custom op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qatpass.lowering.cpu_int4 import dequant_linear, int4pack_linear
+
+__all__ = ["w4a16_linear", "w4a16_grouped_linear", "check_w4a16_args"]
+
+_ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_w4a16_args(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+    *,
+    experts: bool,
+) -> tuple[int, int, int]:
+    """Validate the op's inputs (shapes, dtypes, devices); returns (N, K, effective group)."""
+    lead = 1 if experts else 0
+    if x.dtype not in _ACTIVATION_DTYPES:
+        raise TypeError(f"w4a16: x must be float32/bfloat16/float16, got {x.dtype}")
+    if qweight.dtype != torch.int32:
+        raise TypeError(f"w4a16: qweight must be int32 (8 nibbles per word), got {qweight.dtype}")
+    if qweight.dim() != 2 + lead:
+        want = "[E, N, K/8]" if experts else "[N, K/8]"
+        raise ValueError(f"w4a16: qweight must be {want}, got shape {tuple(qweight.shape)}")
+    n, k = qweight.shape[-2], qweight.shape[-1] * 8
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"w4a16: x has {x.shape[-1]} input features, qweight {tuple(qweight.shape)} packs K={k}"
+        )
+    if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
+        raise ValueError(f"w4a16: group_size must be -1 or a positive int, got {group_size!r}")
+    g = k if group_size == -1 else group_size
+    if k % g:
+        raise ValueError(f"w4a16: K={k} is not divisible by group_size {g}")
+    want = (*qweight.shape[:lead], n, k // g)
+    if tuple(scales.shape) != want:
+        raise ValueError(
+            f"w4a16: scales must have shape {list(want)} for qweight {tuple(qweight.shape)} and "
+            f"group_size {g}, got {tuple(scales.shape)}"
+        )
+    if not scales.is_floating_point():
+        raise TypeError(f"w4a16: scales must be a float tensor, got {scales.dtype}")
+    if zeros is not None:
+        if zeros.dtype != torch.int8:
+            raise TypeError(f"w4a16: zeros must be int8 (signed codes), got {zeros.dtype}")
+        if tuple(zeros.shape) != want:
+            raise ValueError(f"w4a16: zeros must have shape {list(want)}, got {tuple(zeros.shape)}")
+    if bias is not None:
+        bwant = (*qweight.shape[:lead], n)
+        if tuple(bias.shape) != bwant:
+            raise ValueError(f"w4a16: bias must have shape {list(bwant)}, got {tuple(bias.shape)}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"w4a16: {name} is on {t.device}, x on {x.device}")
+    return n, k, g
+
+
+def _use_cpu_cache(
+    x: torch.Tensor,
+    n: int,
+    k: int,
+    cpu_packed: torch.Tensor | None,
+    cpu_scales_zeros: torch.Tensor | None,
+    experts: bool,
+) -> bool:
+    """Whether the CPU repack applies to this call (present, on CPU, for x's dtype)."""
+    if cpu_packed is None or cpu_scales_zeros is None:
+        return False
+    lead = 1 if experts else 0
+    if cpu_packed.dtype != torch.uint8 or tuple(cpu_packed.shape[lead:]) != (n, k // 2):
+        raise ValueError(
+            f"w4a16: cpu_packed must be uint8 [..., {n}, {k // 2}], got {cpu_packed.dtype} "
+            f"{tuple(cpu_packed.shape)}"
+        )
+    sz = cpu_scales_zeros.shape
+    if len(sz) != 3 + lead or sz[-2:] != (n, 2) or k % sz[-3]:
+        raise ValueError(f"w4a16: cpu_scales_zeros must be [..., K/g, {n}, 2], got {tuple(sz)}")
+    return cpu_packed.device.type == "cpu" and cpu_scales_zeros.dtype == x.dtype
+
+
+@torch.library.triton_op("qatpass::w4a16_linear", mutates_args=())
+def w4a16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    cpu_packed: torch.Tensor | None = None,
+    cpu_scales_zeros: torch.Tensor | None = None,
+    *,
+    group_size: int,
+) -> torch.Tensor:
+    """x [..., K] @ W.T (+ bias) with W packed (see the module docstring) -> [..., N]."""
+    n, k, g = check_w4a16_args(x, qweight, scales, zeros, bias, group_size, experts=False)
+    if x.device.type == "cuda":
+        from qatpass.triton_kernels import w4a16_matmul
+
+        return w4a16_matmul(x, qweight, scales, zeros, group_size=group_size, bias=bias)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, k)
+    if _use_cpu_cache(x, n, k, cpu_packed, cpu_scales_zeros, experts=False):
+        y = int4pack_linear(x2d, cpu_packed, cpu_scales_zeros, bias)
+    else:
+        y = dequant_linear(x2d, qweight, scales, zeros, bias, group_size=g)
+    return y.reshape(*lead, n)
+
+
+@torch.library.custom_op("qatpass::w4a16_grouped_linear_cpu", mutates_args=())
+def _grouped_cpu(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    expert_ids: torch.Tensor,
+    group_size: int,
+    cpu_packed: torch.Tensor | None,
+    cpu_scales_zeros: torch.Tensor | None,
+) -> torch.Tensor:
+    """CPU body of the grouped op: one matmul per expert present, on that expert's rows."""
+    n, k = qweight.shape[-2], qweight.shape[-1] * 8
+    out = torch.zeros((x.shape[0], n), dtype=x.dtype, device=x.device)
+    if x.shape[0] == 0:
+        return out
+    num_experts = qweight.shape[0]
+    lo, hi = int(expert_ids.min()), int(expert_ids.max())
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(
+            f"w4a16_grouped_linear: expert_ids must lie in [0, {num_experts}), got [{lo}, {hi}]"
+        )
+    fast = _use_cpu_cache(x, n, k, cpu_packed, cpu_scales_zeros, experts=True)
+    ids, order = torch.sort(expert_ids)
+    counts = torch.bincount(ids, minlength=num_experts).tolist()
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = order[start : start + count]
+        start += count
+        xe = x.index_select(0, rows)
+        be = None if bias is None else bias[e]
+        if fast:
+            ye = int4pack_linear(xe, cpu_packed[e], cpu_scales_zeros[e], be)
+        else:
+            ze = None if zeros is None else zeros[e]
+            ye = dequant_linear(xe, qweight[e], scales[e], ze, be, group_size=group_size)
+        out.index_copy_(0, rows, ye)
+    return out
+
+
+@_grouped_cpu.register_fake
+def _grouped_cpu_fake(x, qweight, scales, zeros, bias, expert_ids, group_size, cpu_packed, cpu_sz):
+    return x.new_empty((x.shape[0], qweight.shape[-2]))
+
+
+@torch.library.triton_op("qatpass::w4a16_grouped_linear", mutates_args=())
+def w4a16_grouped_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    expert_ids: torch.Tensor,
+    zeros: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    cpu_packed: torch.Tensor | None = None,
+    cpu_scales_zeros: torch.Tensor | None = None,
+    *,
+    group_size: int,
+) -> torch.Tensor:
+    """Row t of x [T, K] times expert expert_ids[t]'s packed weight [E, N, K/8] -> [T, N]."""
+    n, k, g = check_w4a16_args(x, qweight, scales, zeros, bias, group_size, experts=True)
+    if x.dim() != 2:
+        raise ValueError(f"w4a16_grouped_linear: x must be [T, K], got {tuple(x.shape)}")
+    if expert_ids.dtype not in (torch.int32, torch.int64) or expert_ids.dim() != 1:
+        raise TypeError(
+            f"w4a16_grouped_linear: expert_ids must be a 1-d int32/int64 tensor, got "
+            f"{expert_ids.dtype} {tuple(expert_ids.shape)}"
+        )
+    if expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"w4a16_grouped_linear: {expert_ids.shape[0]} expert ids for {x.shape[0]} rows of x"
+        )
+    if x.device.type == "cuda":
+        from qatpass.triton_kernels import w4a16_grouped_matmul
+
+        return w4a16_grouped_matmul(
+            x, qweight, scales, zeros, expert_ids=expert_ids, group_size=group_size, bias=bias
+        )
+    return torch.ops.qatpass.w4a16_grouped_linear_cpu(
+        x, qweight, scales, zeros, bias, expert_ids, g, cpu_packed, cpu_scales_zeros
+    )

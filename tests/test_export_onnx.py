@@ -1,0 +1,196 @@
+"""ONNX export: W4A16 linears become com.microsoft::MatMulNBits, and the file runs in onnxruntime
+on CPU with the torch inference model's numbers, for shapes other than the exported one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qatpass.config import QatConfig
+from qatpass.export.onnx import MS_DOMAIN, register_matmul_nbits_schema, to_onnx
+from qatpass.lowering import convert
+from qatpass.scheme import Int4Scheme
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+transformers = pytest.importorskip("transformers")
+
+
+# onnxruntime's MatMulNBits dequantizes to fp32 and accumulates in its own block order: the same
+# math as the torch op, summed differently (max error seen on the tiny models: 3e-7).
+ORT_FP32 = {"rtol": 1e-4, "atol": 1e-4}
+SHAPES = [(1, 5), (3, 11)]
+
+
+class Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids).logits
+
+
+def tiny_llama() -> nn.Module:
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_cache=False,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_moe() -> nn.Module:
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        use_cache=False,
+    )
+    return transformers.Qwen3MoeForCausalLM(cfg).eval()
+
+
+def run_ort(path, *inputs: torch.Tensor) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs, strict=True)}
+    return sess.run(None, feed)[0]
+
+
+def nbits_nodes(path) -> list:
+    return [n for n in onnx.load(str(path)).graph.node if n.domain == MS_DOMAIN]
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_tiny_llama_runs_in_onnxruntime(tmp_path, symmetric):
+    qmodel = Logits(convert(tiny_llama(), QatConfig(scheme=Int4Scheme(symmetric=symmetric))))
+    path = to_onnx(qmodel, (torch.randint(0, 128, (2, 7)),), tmp_path / "llama.onnx")
+    nodes = nbits_nodes(path)
+    assert len(nodes) == 2 * 7  # q, k, v, o, gate, up, down per layer; lm_head stays float
+    assert {n.op_type for n in nodes} == {"MatMulNBits"}
+    assert all(len(n.input) == (3 if symmetric else 4) for n in nodes)
+    inits = {i.name: i for i in onnx.load(str(path)).graph.initializer}
+    q_proj = nodes[0]  # layer 0 q_proj: N=64, K=64, G=32
+    b, scales = inits[q_proj.input[1]], inits[q_proj.input[2]]
+    assert (b.data_type, list(b.dims)) == (onnx.TensorProto.UINT8, [64, 2, 16])
+    assert (scales.data_type, list(scales.dims)) == (onnx.TensorProto.FLOAT, [128])
+    if not symmetric:
+        zp = inits[q_proj.input[3]]
+        assert (zp.data_type, list(zp.dims)) == (onnx.TensorProto.UINT8, [64, 1])
+    assert not any(i.data_type == onnx.TensorProto.INT32 for i in inits.values())
+    for batch, seq in SHAPES:
+        ids = torch.randint(0, 128, (batch, seq))
+        with torch.no_grad():
+            ref = qmodel(ids).numpy()
+        got = run_ort(path, ids)
+        assert got.shape == (batch, seq, 128)
+        np.testing.assert_allclose(got, ref, **ORT_FP32)
+
+
+@pytest.mark.slow
+def test_tiny_moe_runs_in_onnxruntime(tmp_path):
+    qmodel = Logits(convert(tiny_moe()))
+    path = to_onnx(qmodel, (torch.randint(0, 128, (2, 7)),), tmp_path / "moe.onnx")
+    assert nbits_nodes(path)
+    for batch, seq in SHAPES:
+        ids = torch.randint(0, 128, (batch, seq))
+        with torch.no_grad():
+            ref = qmodel(ids).numpy()
+        np.testing.assert_allclose(run_ort(path, ids), ref, **ORT_FP32)
+
+
+def mlp(k: int, bias: bool) -> nn.Module:
+    return nn.Sequential(nn.Linear(k, 64, bias=bias), nn.GELU(), nn.Linear(64, 16, bias=bias))
+
+
+@pytest.mark.parametrize(
+    ("k", "scheme"),
+    [
+        (64, Int4Scheme(group_size=-1)),  # per channel: block_size = K
+        (96, Int4Scheme(symmetric=False)),  # 3 blocks: zero points padded to whole bytes
+        (128, Int4Scheme(group_size=64, symmetric=False, qrange=(-8, 7))),
+    ],
+    ids=["channel", "asym-odd-blocks", "asym-g64-q8"],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_matmul_nbits_layout(tmp_path, k, scheme, bias):
+    qmodel = convert(mlp(k, bias), QatConfig(scheme=scheme, exclude=()))
+    path = to_onnx(qmodel, (torch.randn(4, k),), tmp_path / "mlp.onnx", dynamic_axes=(0,))
+    first = nbits_nodes(path)[0]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in first.attribute}
+    assert attrs["K"] == k and attrs["N"] == 64 and attrs["bits"] == 4
+    assert attrs["block_size"] == scheme.group_size_for(k)
+    x = torch.randn(9, k)
+    with torch.no_grad():
+        ref = qmodel(x).numpy()
+    np.testing.assert_allclose(run_ort(path, x), ref, **ORT_FP32)
+
+
+def test_schema_registration_is_idempotent():
+    register_matmul_nbits_schema()
+    register_matmul_nbits_schema()
+    assert onnx.defs.has("MatMulNBits", MS_DOMAIN)
+
+
+def test_model_is_not_modified(tmp_path):
+    qmodel = convert(mlp(64, True))
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    to_onnx(qmodel, (torch.randn(2, 64),), tmp_path / "m.onnx", dynamic_axes=(0,))
+    after = qmodel.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_refuses_unconverted_model(tmp_path):
+    with pytest.raises(ValueError, match="no W4A16 linear"):
+        to_onnx(mlp(64, False), (torch.randn(2, 64),), tmp_path / "m.onnx", dynamic_axes=(0,))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_refuses_bad_arguments(tmp_path):
+    qmodel = convert(mlp(64, False))
+    x = (torch.randn(2, 64),)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        to_onnx(lambda x: x, x, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="dynamic_axes"):
+        to_onnx(qmodel, x, tmp_path / "m.onnx", dynamic_axes=(2,))
+    with pytest.raises(TypeError, match="must be tensors"):
+        to_onnx(qmodel, ([1.0] * 64,), tmp_path / "m.onnx")
+    with pytest.raises(IsADirectoryError):
+        to_onnx(qmodel, x, tmp_path)
+
+
+def cli_factory():
+    torch.manual_seed(0)
+    return mlp(64, True), (torch.randn(3, 64),)
+
+
+def test_cli_onnx(tmp_path):
+    from qatpass.cli import main
+
+    out = tmp_path / "m.onnx"
+    spec = "test_export_onnx:cli_factory"
+    argv = ["export", "--format", "onnx", "--model", spec, "--out", str(out), "--group-size", "16"]
+    assert main(argv) == 0
+    first = nbits_nodes(out)[0]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in first.attribute}
+    assert attrs["block_size"] == 16
+    model, (x,) = cli_factory()
+    with torch.no_grad():
+        ref = convert(model, QatConfig(scheme=Int4Scheme(group_size=16))).forward(x).numpy()
+    np.testing.assert_allclose(run_ort(out, x), ref, **ORT_FP32)
