@@ -15,6 +15,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import tiny_llama, tiny_qwen3_moe
 from torch import nn
 
 import qatpass
@@ -38,34 +39,6 @@ LLAMA_QUANTIZED = {f"model.layers.{i}.{m}.weight" for i in range(2) for m in LLA
 MOE_QUANTIZED = {f"model.layers.{i}.{m}.weight" for i in range(2) for m in LLAMA_PROJ} | {
     f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")
 }
-
-
-def tiny_llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def tiny_qwen3_moe(experts_implementation: str = "grouped_mm") -> nn.Module:
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-    )
-    cfg._experts_implementation = experts_implementation
-    return transformers.Qwen3MoeForCausalLM(cfg).eval()
 
 
 class Small(nn.Module):
