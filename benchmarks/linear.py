@@ -3,21 +3,28 @@
     python benchmarks/linear.py --out results/linear.json [--threads 1,2] [--group-sizes 32,128]
 
 For each weight shape (N, K) and batch M: median wall time (ms) of
-- bf16:          F.linear(x, w) in bf16 (oneDNN / MKL)
-- qatpass:       `W4A16Linear` (the `qatpass::w4a16_linear` op) on the CPU fast path (aten int4
-                 GEMM on the one-time repack), and its per-call dequant fallback for comparison
-- torchao_int4:  `Int4WeightOnlyConfig(group_size=32)` (the error is recorded where it cannot run)
-- torchao_w8a8:  `Int8DynamicActivationInt8WeightConfig()`
+- bf16:              F.linear(x, w) in bf16 (oneDNN)
+- qatpass:           `W4A16Linear` as `convert` builds it: qatpass's native AVX-512 kernel on the
+                     canonical packed weight where it applies (`cpu_path` in the row)
+- qatpass_aten:      the same module built under `cpu_kernel.disabled()`: aten's int4 GEMM on a
+                     one-time repack
+- qatpass_fallback:  the per-call dequantize + F.linear path, for comparison
+- torchao_int4:      `Int4WeightOnlyConfig(group_size=G)` (the error is recorded where it cannot run)
+- torchao_w8a8:      `Int8DynamicActivationInt8WeightConfig()`
 with speedups over bf16, and model bytes: packed (qweight + scales, what is saved/exported) and
-resident on CPU (plus the fast-path repack), each over bf16. Symmetric, group sizes 32 (the
-target) and 128. Each thread count in --threads is set with torch.set_num_threads and recorded
-per row. Variants are timed round-robin so a busy machine slows them alike. With CUDA it
-appends `run_cuda()` rows from benchmarks/cuda_linear.py.
+resident on CPU (plus any repack), each over bf16. Symmetric, group sizes 32 (the target) and
+128. Each thread count in --threads is set with torch.set_num_threads and recorded per row.
+Variants are timed round-robin so a busy machine slows them alike.
 
-At M=1 the CPU kernel streams its weights: 0.5 byte/weight of nibbles plus its
-scales_and_zeros (scale and a zero of 0, 4 bytes per group), so the bandwidth bound over bf16's
-2 bytes/weight is 2 / (0.5 + 4/G): 3.2x at group 32, 3.76x at 128. Above M of about 8 the aten
-kernel is compute bound (it dequantizes per row block) and bf16 wins.
+Cold by default: before every timed call a 128 MiB buffer is written, so weights come from DRAM
+as in a model whose weights exceed the last-level cache (a 4096x4096 INT4 weight, 9 MB, would
+otherwise sit in a 32 MB L3 between calls while its 33 MB bf16 twin would not). `--warm` skips
+the flush. With CUDA it appends `run_cuda()` rows from benchmarks/cuda_linear.py.
+
+Bandwidth bounds at M=1 over bf16's 2 bytes/weight: the native kernel streams 0.5 byte of nibbles
+plus a 2-byte scale per group, 2 / (0.5 + 2/G) = 3.56x at G=32; aten's layout stores a zero next
+to every scale, 2 / (0.5 + 4/G) = 3.2x. A kernel that streams better than oneDNN's bf16 GEMV
+does can beat these ratios (single-threaded here, neither saturates DRAM).
 """
 
 from __future__ import annotations
@@ -42,11 +49,25 @@ MS = (1, 4, 16, 64)
 GROUP_SIZES = (32, 128)
 
 
-def median_ms(fns: dict[str, Callable[[], object]], repeats: int, budget_s: float) -> dict:
+_FLUSH: torch.Tensor | None = None
+
+
+def flush_caches() -> None:
+    """Write 128 MiB so that the last-level cache holds nothing a timed call reads."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(32 * 2**20, dtype=torch.float32)
+    _FLUSH.fill_(1.0)
+
+
+def median_ms(
+    fns: dict[str, Callable[[], object]], repeats: int, budget_s: float, cold: bool = True
+) -> dict:
     """Median ms of each callable, timed round-robin (one call of each per round).
 
     Interleaving gives every variant the same share of a noisy machine's contention. After one
-    warmup call each, rounds run until `repeats` or budget_s (at least 3 rounds).
+    warmup call each, rounds run until `repeats` or budget_s (at least 3 rounds). `cold`
+    flushes the caches before every call (not timed).
     """
     for fn in fns.values():
         fn()
@@ -55,6 +76,8 @@ def median_ms(fns: dict[str, Callable[[], object]], repeats: int, budget_s: floa
     rounds = 0
     while rounds < repeats and (rounds < 3 or time.perf_counter() - start < budget_s):
         for name, fn in fns.items():
+            if cold:
+                flush_caches()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -88,9 +111,12 @@ def _try(fn: Callable[[], object]) -> tuple[object, str | None]:
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
-def _shape_rows(n: int, k: int, group_size: int, ms, repeats: int, budget_s: float) -> list[dict]:
+def _shape_rows(
+    n: int, k: int, group_size: int, ms, repeats: int, budget_s: float, cold: bool
+) -> list[dict]:
     import qatpass
     from qatpass.lowering import W4A16Linear
+    from qatpass.lowering.cpu_kernel import disabled
 
     torch.manual_seed(0)
     linear = nn.Linear(k, n, bias=False).to(torch.bfloat16)
@@ -99,11 +125,24 @@ def _shape_rows(n: int, k: int, group_size: int, ms, repeats: int, budget_s: flo
     w = linear.weight.detach()
     packed = qatpass.quantize(w, qatpass.Int4Scheme(group_size=group_size))
     fast = W4A16Linear(packed)
+    with disabled():
+        aten = W4A16Linear(packed)
     fallback = W4A16Linear(packed)
-    fallback.cpu_packed = fallback.cpu_scales_zeros = None  # the per-call dequant path
+    fallback.cpu_packed = fallback.cpu_scales_zeros = None
+
+    def run_aten(x: torch.Tensor) -> torch.Tensor:
+        with disabled():
+            return aten(x)
+
+    def run_fallback(x: torch.Tensor) -> torch.Tensor:
+        with disabled():  # no repack and no native kernel: dequantize + F.linear
+            return fallback(x)
+
+    def resident(module: W4A16Linear) -> int:
+        cache = [t for t in (module.cpu_packed, module.cpu_scales_zeros) if t is not None]
+        return packed.nbytes() + sum(t.numel() * t.element_size() for t in cache)
+
     bf16_bytes = w.numel() * 2
-    cache = (fast.cpu_packed, fast.cpu_scales_zeros)
-    resident = packed.nbytes() + sum(t.numel() * t.element_size() for t in cache)
     baselines = {}
     for kind in ("int4", "w8a8"):
         baselines[f"torchao_{kind}"] = _try(lambda kind=kind: _torchao(linear, kind, group_size))
@@ -113,7 +152,8 @@ def _shape_rows(n: int, k: int, group_size: int, ms, repeats: int, budget_s: flo
         fns = {
             "bf16": lambda x=x: F.linear(x, w),
             "qatpass": lambda x=x: fast(x),
-            "qatpass_fallback": lambda x=x: fallback(x),
+            "qatpass_aten": lambda x=x: run_aten(x),
+            "qatpass_fallback": lambda x=x: run_fallback(x),
         }
         row = {
             "device": "cpu",
@@ -122,6 +162,7 @@ def _shape_rows(n: int, k: int, group_size: int, ms, repeats: int, budget_s: flo
             "K": k,
             "M": m,
             "group_size": group_size,
+            "cold": cold,
         }
         for name, (mod, err) in baselines.items():
             if mod is not None:
@@ -132,27 +173,33 @@ def _shape_rows(n: int, k: int, group_size: int, ms, repeats: int, budget_s: flo
                 row[f"{name}_error"] = err
         with torch.inference_mode():
             ref = F.linear(x, qatpass.dequantize(packed, torch.bfloat16)).float()
-            row["fast_path"] = fast.cpu_fast_path_reason is None
+            row["cpu_path"] = fast.cpu_path
             row["qatpass_max_abs_diff_vs_dequant_ref"] = float((fast(x).float() - ref).abs().max())
-            row.update({f"{k}_ms": v for k, v in median_ms(fns, repeats, budget_s).items()})
-        for key in ("qatpass", "qatpass_fallback", "torchao_int4", "torchao_w8a8"):
+            row["qatpass_aten_max_abs_diff_vs_dequant_ref"] = float(
+                (run_aten(x).float() - ref).abs().max()
+            )
+            row.update({f"{k}_ms": v for k, v in median_ms(fns, repeats, budget_s, cold).items()})
+        for key in ("qatpass", "qatpass_aten", "qatpass_fallback", "torchao_int4", "torchao_w8a8"):
             if row.get(f"{key}_ms"):
                 row[f"{key}_speedup_vs_bf16"] = row["bf16_ms"] / row[f"{key}_ms"]
         row["packed_bytes_over_bf16"] = packed.nbytes() / bf16_bytes
-        row["resident_bytes_over_bf16"] = resident / bf16_bytes
+        row["resident_bytes_over_bf16"] = resident(fast) / bf16_bytes
+        row["aten_resident_bytes_over_bf16"] = resident(aten) / bf16_bytes
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
 
 
-def run_cpu(shapes, ms, group_sizes, threads, repeats: int, budget_s: float) -> list[dict]:
+def run_cpu(
+    shapes, ms, group_sizes, threads, repeats: int, budget_s: float, cold: bool = True
+) -> list[dict]:
     """One row per (threads, group size, N, K, M) on this CPU; times in ms."""
     rows = []
     for t in threads:
         torch.set_num_threads(t)
         for g in group_sizes:
             for n, k in shapes:
-                rows += _shape_rows(n, k, g, ms, repeats, budget_s)
+                rows += _shape_rows(n, k, g, ms, repeats, budget_s, cold)
     return rows
 
 
@@ -168,6 +215,8 @@ def run_cuda_rows() -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from qatpass.lowering.cpu_kernel import kernel_unavailable_reason
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="write the JSON here (else stdout)")
     ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
@@ -177,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,4096x14336 (N x K)")
     ap.add_argument("--ms", default=None, help="comma-separated batch sizes M")
     ap.add_argument("--quick", action="store_true", help="one small shape (a smoke test)")
+    ap.add_argument("--warm", action="store_true", help="do not flush caches between calls")
     args = ap.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
     group_sizes = [int(g) for g in args.group_sizes.split(",")]
@@ -192,7 +242,11 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": threads,
         "cpu_count": os.cpu_count(),
         "repeats": args.repeats,
-        "cpu": run_cpu(shapes, ms, group_sizes, threads, args.repeats, args.budget_s),
+        "cold": not args.warm,
+        "native_kernel": kernel_unavailable_reason() or "available",
+        "cpu": run_cpu(
+            shapes, ms, group_sizes, threads, args.repeats, args.budget_s, cold=not args.warm
+        ),
         "cuda": run_cuda_rows(),
     }
     text = json.dumps(result, indent=2)

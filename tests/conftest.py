@@ -8,6 +8,7 @@ import tempfile
 # A fresh Inductor/AOT cache per test session: cached artifacts keyed on a graph that holds the
 # qatpass op would otherwise survive a change of the op's Python implementation.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="qatpass-inductor-"))
+os.environ.setdefault("QATPASS_CACHE_DIR", tempfile.mkdtemp(prefix="qatpass-kernels-"))
 # Without a GPU, Triton kernels run in the interpreter on CPU tensors; it must be set before triton
 # is first imported. On a CUDA machine the same tests run the compiled kernels.
 if os.environ.get("QATPASS_TEST_CUDA") != "1":
@@ -31,3 +32,23 @@ def _seed_and_reset():
     torch.manual_seed(0)
     torch._dynamo.reset()
     yield
+
+
+@pytest.fixture
+def no_native_kernel():
+    """Turn qatpass's native CPU kernel off: the aten int4 path / fallback are under test."""
+    from qatpass.lowering.cpu_kernel import disabled
+
+    with disabled():
+        yield
+
+
+def _native_unavailable() -> str | None:
+    from qatpass.lowering.cpu_kernel import kernel_unavailable_reason
+
+    return kernel_unavailable_reason()
+
+
+needs_native = pytest.mark.skipif(
+    _native_unavailable() is not None, reason=f"native CPU kernel: {_native_unavailable()}"
+)

@@ -19,10 +19,11 @@ from qatpass.lowering import (
     packed_weights,
     refresh,
 )
+from qatpass.lowering.cpu_kernel import disabled
 from qatpass.scheme import Int4Scheme, dequantize, quantize
 from qatpass.selection import select_weights
 
-from conftest import ACCUM, EXACT
+from conftest import ACCUM, EXACT, needs_native
 
 
 def _fake_quant_copy(model: nn.Module, config: QatConfig | None = None) -> nn.Module:
@@ -122,16 +123,30 @@ def test_convert_root_linear():
     assert isinstance(qlinear, W4A16Linear)
     x = torch.randn(3, 64)
     ref = nn.functional.linear(x, dequantize(quantize(linear.weight)), linear.bias)
-    torch.testing.assert_close(qlinear(x), ref, **EXACT)
+    torch.testing.assert_close(qlinear(x), ref, **ACCUM[torch.float32])
+    with disabled():  # the fallback is the fake-quant forward bit for bit
+        torch.testing.assert_close(qlinear(x), ref, **EXACT)
 
 
-def test_cpu_fast_path_is_taken_for_bf16():
+@needs_native
+def test_native_cpu_kernel_is_taken_without_a_repack():
+    for dtype in (torch.bfloat16, torch.float32):
+        qmodel = convert(tiny_llama().to(dtype))
+        q_proj = qmodel.model.layers[0].self_attn.q_proj
+        assert q_proj.cpu_path == "native" and q_proj.cpu_fast_path_reason is None
+        assert q_proj.cpu_packed is None and q_proj.cpu_scales_zeros is None
+
+
+@pytest.mark.usefixtures("no_native_kernel")
+def test_aten_int4_path_is_taken_for_bf16():
     qmodel = convert(tiny_llama().to(torch.bfloat16))
     q_proj = qmodel.model.layers[0].self_attn.q_proj
-    assert q_proj.cpu_fast_path_reason is None and q_proj.cpu_packed is not None
+    assert q_proj.cpu_path == "int4pack" and q_proj.cpu_fast_path_reason is None
+    assert q_proj.cpu_packed is not None
     assert "cpu_packed" not in qmodel.state_dict().keys().__repr__()  # a cache, never saved
     fp32 = convert(tiny_llama()).model.layers[0].self_attn.q_proj
-    assert "activation dtype" in fp32.cpu_fast_path_reason and fp32.cpu_packed is None
+    assert fp32.cpu_path == "dequant" and fp32.cpu_packed is None
+    assert "activation dtype" in fp32.cpu_fast_path_reason
 
 
 @pytest.mark.parametrize("model_id", ["llama", "moe_grouped_mm"])

@@ -43,6 +43,7 @@ def _exact_weight_ref(x, p, bias):
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.usefixtures("no_native_kernel")
 def test_fallback_equals_dequantize_then_linear(m, group_size, symmetric, dtype, has_bias):
     p = _packed(48, 256, Int4Scheme(group_size=group_size, symmetric=symmetric), dtype)
     x = torch.randn(m, 256).to(dtype)
@@ -57,6 +58,7 @@ def test_fallback_equals_dequantize_then_linear(m, group_size, symmetric, dtype,
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1, 512])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.usefixtures("no_native_kernel")
 def test_cpu_fast_path(m, group_size, dtype, has_bias):
     scheme = Int4Scheme(group_size=group_size, scale_dtype=dtype)
     p = _packed(64, 512, scheme, dtype)
@@ -73,6 +75,7 @@ def test_cpu_fast_path(m, group_size, dtype, has_bias):
     assert rel < 4 * (2**-9 if dtype == torch.bfloat16 else 2**-12)
 
 
+@pytest.mark.usefixtures("no_native_kernel")
 def test_cpu_fast_path_is_exact_at_small_m():
     """At M=1 the kernel's fp32 dot rounded once equals the fp32 reference rounded once."""
     p = _packed(64, 256, Int4Scheme(), torch.bfloat16)
@@ -95,6 +98,7 @@ def test_cpu_fast_path_refusals(n, group_size, symmetric, scale_dtype, dtype, wh
     assert why in cpu_pack_reason(n, group_size, symmetric, scale_dtype, dtype)
 
 
+@pytest.mark.usefixtures("no_native_kernel")
 def test_cache_of_another_dtype_falls_back():
     p = _packed(64, 128, Int4Scheme(), torch.bfloat16)
     x = torch.randn(3, 128)  # fp32 activations, bf16 repack: the fallback runs
@@ -103,6 +107,7 @@ def test_cache_of_another_dtype_falls_back():
 
 
 @pytest.mark.parametrize(("fast", "symmetric"), [(False, True), (False, False), (True, True)])
+@pytest.mark.usefixtures("no_native_kernel")
 def test_grouped_op(fast, symmetric):
     p = _packed(32, 64, Int4Scheme(symmetric=symmetric), torch.bfloat16, experts=4)
     x = torch.randn(7, 64).bfloat16()

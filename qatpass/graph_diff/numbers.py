@@ -99,7 +99,7 @@ def real_linear(
     packed: PackedWeight, bias: torch.Tensor | None, like: torch.Tensor, path: str
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """The real W4A16 linear x -> y of one layer for inputs like `like`, prepared once as a
-    converted model would be (the CPU int4 repack when that path applies); and what runs."""
+    converted model would be (`plan_cpu`: native kernel, or the aten repack); and what runs."""
     if path != KERNEL_PATH:
         return lambda x: F.linear(x, dequantize(packed, x.dtype), bias), DEQUANT_PATH
     g = packed.group_size
@@ -107,16 +107,12 @@ def real_linear(
     if like.device.type == "cuda":
         how = "triton (CUDA)"
     else:
-        from qatpass.lowering.cpu_int4 import cpu_pack_reason, pack_for_cpu
+        from qatpass.lowering.cpu_int4 import CPU_PATH_NAMES, plan_cpu
 
-        s = packed.scheme
-        reason = cpu_pack_reason(packed.shape[0], g, s.symmetric, s.scale_dtype, like.dtype)
-        how = "aten int4pack (CPU)" if reason is None else f"dequantize + F.linear (CPU): {reason}"
-        if reason is None:
-            cpu_packed, cpu_scales_zeros = pack_for_cpu(
-                packed.qweight, packed.scales, group_size=g, dtype=like.dtype
-            )
-            extra = {"cpu_packed": cpu_packed, "cpu_scales_zeros": cpu_scales_zeros}
+        cpu_path, reason, cache = plan_cpu(packed, packed.scheme.symmetric, like.dtype)
+        how = CPU_PATH_NAMES[cpu_path] + (f": {reason}" if reason else "")
+        if cache is not None:
+            extra = {"cpu_packed": cache[0], "cpu_scales_zeros": cache[1]}
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return torch.ops.qatpass.w4a16_linear(

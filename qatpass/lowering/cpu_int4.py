@@ -1,6 +1,12 @@
-"""CPU W4A16: a one-time repack for aten's int4 CPU GEMM, and the dequantizing fallback.
+"""CPU W4A16: which path a packed weight takes, aten's int4 GEMM (repack), the fallback.
 
-Fast path: `aten._weight_int4pack_mm_for_cpu(x, w, kernel_group, scales_and_zeros)` computes
+`plan_cpu` picks, once per packed weight (at convert / compile time), one of:
+- "native": qatpass's own kernel (`cpu_kernel`) on the canonical buffers, no repack; first
+  choice wherever it applies (bf16/fp32 activations, symmetric, AVX-512 BF16 CPU);
+- "int4pack": aten's int4 GEMM on a one-time repack (below), e.g. fp16 activations;
+- "dequant": the scheme's dequantize, then F.linear, per call.
+
+aten path: `aten._weight_int4pack_mm_for_cpu(x, w, kernel_group, scales_and_zeros)` computes
 x @ W.T with W[n, k] = (u - 8) * scale + zero, u the stored nibble, in fp32 inside the kernel.
 Our nibble is code + 8, so with zero = 0 its weights are exactly the scheme's fp32 dequant
 code * scale (not rounded to the activation dtype: the result differs from
@@ -25,9 +31,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qatpass.lowering.cpu_kernel import native_reason
 from qatpass.scheme import CODE_OFFSET, Int4Scheme, PackedWeight, dequantize, unpack_int4
 
 __all__ = [
+    "CPU_PATH_NAMES",
+    "plan_cpu",
     "KERNEL_GROUP_SIZES",
     "CPU_ACTIVATION_DTYPES",
     "cpu_pack_reason",
@@ -77,6 +86,34 @@ def _scales_and_zeros(scales: torch.Tensor, group_size: int, dtype: torch.dtype)
     g = kernel_group_size(group_size)
     s = scales.repeat_interleave(group_size // g, dim=-1).to(dtype)
     return torch.stack((s, torch.zeros_like(s)), dim=-1).transpose(-3, -2).contiguous()
+
+
+CPU_PATH_NAMES = {
+    "native": "qatpass native kernel (CPU)",
+    "int4pack": "aten int4pack (CPU)",
+    "dequant": "dequantize + F.linear (CPU)",
+}
+
+
+def plan_cpu(
+    p: PackedWeight, symmetric: bool, dtype: torch.dtype | None = None
+) -> tuple[str, str | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(path, why no fast path or None, aten repack or None) for a packed weight on its device.
+
+    `dtype` is the activation dtype (default: the weight's original dtype, p.dtype).
+    """
+    dtype = dtype or p.dtype
+    n, k = p.qweight.shape[-2], p.qweight.shape[-1] * 8
+    native = native_reason(dtype, p.scales.dtype, symmetric, k, p.group_size)
+    if native is None:
+        return "native", None, None
+    aten = cpu_pack_reason(n, p.group_size, symmetric, p.scales.dtype, dtype)
+    if aten is None:
+        cache = None
+        if p.qweight.device.type == "cpu":
+            cache = pack_for_cpu(p.qweight, p.scales, group_size=p.group_size, dtype=dtype)
+        return "int4pack", None, cache
+    return "dequant", f"native kernel: {native}; aten int4: {aten}", None
 
 
 def _nibbles(qweight: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Packed inference modules: `W4A16Linear` (for nn.Linear) and `W4A16Experts` (HF MoE experts).
 
 Each holds the canonical packed buffers (qweight, scales, zeros; what exporters and
-`packed_weights` read) and, on CPU when `cpu_int4` allows, a repack for aten's int4 GEMM
-(non-persistent buffers `cpu_packed` / `cpu_scales_zeros`: a cache derived from the canonical
-ones, rebuilt by `repack_`, never saved). Forward calls the W4A16 ops; `repack_` re-quantizes
+`packed_weights` read, and what qatpass's native CPU kernel runs on) and, on CPU where only
+aten's int4 GEMM applies (`cpu_int4.plan_cpu`), a repack for it (non-persistent buffers
+`cpu_packed` / `cpu_scales_zeros`: a cache derived from the canonical ones, rebuilt by
+`repack_`, never saved). Forward calls the W4A16 ops; `repack_` re-quantizes
 new master weights into the same tensors, in place, so compiled graphs see them.
 """
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from qatpass.lowering import ops as _ops  # noqa: F401  (registers the ops)
-from qatpass.lowering.cpu_int4 import cpu_pack_reason, pack_for_cpu, repack_for_cpu_
+from qatpass.lowering.cpu_int4 import plan_cpu, repack_for_cpu_
 from qatpass.scheme import Int4Scheme, PackedWeight, quantize
 
 __all__ = ["PackedConstant", "PackedMixin", "W4A16Linear", "W4A16Experts"]
@@ -28,16 +29,11 @@ class PackedMixin:
         self.register_buffer(f"{prefix}qweight", p.qweight)
         self.register_buffer(f"{prefix}scales", p.scales)
         self.register_buffer(f"{prefix}zeros", p.zeros)
-        n = p.qweight.shape[-2]
-        reason = cpu_pack_reason(n, p.group_size, self.scheme.symmetric, p.scales.dtype, p.dtype)
-        cache = None
-        if reason is None and p.qweight.device.type == "cpu":
-            cache = pack_for_cpu(p.qweight, p.scales, group_size=p.group_size, dtype=p.dtype)
+        self.cpu_path, self.cpu_fast_path_reason, cache = plan_cpu(p, self.scheme.symmetric)
         self.register_buffer(f"{prefix}cpu_packed", None if cache is None else cache[0], False)
         self.register_buffer(
             f"{prefix}cpu_scales_zeros", None if cache is None else cache[1], False
         )
-        self.cpu_fast_path_reason = reason  # None: the CPU fast path is used
 
     def _apply(self, fn, recurse=True):
         """.to(dtype) / .half() / .float() must not re-round the scales: they keep their dtype.

@@ -6,16 +6,18 @@
 
 Inputs are the canonical packed format (`qatpass.scheme`): qweight int32 [N, K/8], scales
 [N, K/G], zeros int8 [N, K/G] or None (symmetric), bias [N] or None; experts add a leading E and
-take one expert id per row of x (`expert_ids` [T]). group_size -1 means per channel. Output: [..., N] in x.dtype,
-equal to `F.linear(x, dequantize(p, x.dtype), bias)` up to summation order (and, on the CPU
-fast path, the rounding of the weights to x.dtype, which the kernel skips).
+take one expert id per row of x (`expert_ids` [T]). group_size -1 means per channel. Output:
+[..., N] in x.dtype, equal to `F.linear(x, dequantize(p, x.dtype), bias)` up to summation order
+(and, on the CPU fast paths, the rounding of the weights to x.dtype, which the kernels skip).
 
 Both are `torch.library.triton_op`s whose body branches on the device: CUDA runs the Triton
-launchers of `qatpass.triton_kernels` (imported there, lazily); CPU runs `cpu_int4`: aten's int4
-GEMM on the optional `cpu_packed` / `cpu_scales_zeros` repack (built once by the caller, see
-`cpu_int4.pack_for_cpu`), else the dequantizing fallback. torch.compile traces into the body
-(Inductor sees the kernels), torch.export keeps the op as one node. The grouped CPU body loops
-over the experts present, which is data dependent, so it is its own opaque custom op.
+launchers of `qatpass.triton_kernels` (imported there, lazily); CPU calls an opaque custom op
+that picks, per call: qatpass's native AVX-512 kernel on the canonical format
+(`cpu_kernel.native_linear`, bf16/fp32 activations), else aten's int4 GEMM on the optional
+`cpu_packed` / `cpu_scales_zeros` repack (built once by the caller where the native kernel does
+not apply, see `cpu_int4.pack_for_cpu`), else the dequantizing fallback. torch.compile traces
+into the body (Inductor sees the Triton kernels), torch.export keeps the op as one node. The
+grouped CPU body loops over the experts present, which is data dependent, also opaque.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from qatpass.lowering.cpu_int4 import dequant_linear, int4pack_linear
+from qatpass.lowering.cpu_kernel import native_linear, native_reason
 
 __all__ = ["w4a16_linear", "w4a16_grouped_linear", "check_w4a16_args"]
 
@@ -104,6 +107,51 @@ def _use_cpu_cache(
     return cpu_packed.device.type == "cpu" and cpu_scales_zeros.dtype == x.dtype
 
 
+def _cpu_linear(
+    x2d: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    cpu_packed: torch.Tensor | None,
+    cpu_scales_zeros: torch.Tensor | None,
+    *,
+    group_size: int,
+    fast: bool,
+) -> torch.Tensor:
+    """One CPU matmul: qatpass's native kernel, else aten's int4 GEMM on the repack (`fast`),
+    else the dequantizing fallback. group_size is the effective group."""
+    k = x2d.shape[-1]
+    if native_reason(x2d.dtype, scales.dtype, zeros is None, k, group_size) is None:
+        return native_linear(x2d, qweight, scales, bias, group_size)
+    if fast:
+        return int4pack_linear(x2d, cpu_packed, cpu_scales_zeros, bias)
+    return dequant_linear(x2d, qweight, scales, zeros, bias, group_size=group_size)
+
+
+@torch.library.custom_op("qatpass::w4a16_linear_cpu", mutates_args=())
+def _linear_cpu(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+    cpu_packed: torch.Tensor | None,
+    cpu_scales_zeros: torch.Tensor | None,
+) -> torch.Tensor:
+    """CPU body of `w4a16_linear` on x [M, K] (opaque: the native kernel is a foreign call)."""
+    n, k = qweight.shape[-2], qweight.shape[-1] * 8
+    fast = _use_cpu_cache(x, n, k, cpu_packed, cpu_scales_zeros, experts=False)
+    return _cpu_linear(x, qweight, scales, zeros, bias, cpu_packed, cpu_scales_zeros,
+                       group_size=group_size, fast=fast)  # fmt: skip
+
+
+@_linear_cpu.register_fake
+def _linear_cpu_fake(x, qweight, scales, zeros, bias, group_size, cpu_packed, cpu_scales_zeros):
+    return x.new_empty((x.shape[0], qweight.shape[-2]))
+
+
 @torch.library.triton_op("qatpass::w4a16_linear", mutates_args=())
 def w4a16_linear(
     x: torch.Tensor,
@@ -123,11 +171,9 @@ def w4a16_linear(
 
         return w4a16_matmul(x, qweight, scales, zeros, group_size=group_size, bias=bias)
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, k)
-    if _use_cpu_cache(x, n, k, cpu_packed, cpu_scales_zeros, experts=False):
-        y = int4pack_linear(x2d, cpu_packed, cpu_scales_zeros, bias)
-    else:
-        y = dequant_linear(x2d, qweight, scales, zeros, bias, group_size=g)
+    y = torch.ops.qatpass.w4a16_linear_cpu(
+        x.reshape(-1, k), qweight, scales, zeros, bias, g, cpu_packed, cpu_scales_zeros
+    )
     return y.reshape(*lead, n)
 
 
@@ -165,11 +211,17 @@ def _grouped_cpu(
         start += count
         xe = x.index_select(0, rows)
         be = None if bias is None else bias[e]
-        if fast:
-            ye = int4pack_linear(xe, cpu_packed[e], cpu_scales_zeros[e], be)
-        else:
-            ze = None if zeros is None else zeros[e]
-            ye = dequant_linear(xe, qweight[e], scales[e], ze, be, group_size=group_size)
+        ye = _cpu_linear(
+            xe,
+            qweight[e],
+            scales[e],
+            None if zeros is None else zeros[e],
+            be,
+            cpu_packed[e] if fast else None,
+            cpu_scales_zeros[e] if fast else None,
+            group_size=group_size,
+            fast=fast,
+        )
         out.index_copy_(0, rows, ye)
     return out
 

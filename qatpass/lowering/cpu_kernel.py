@@ -1,0 +1,200 @@
+"""qatpass's own CPU W4A16 kernel (AVX-512 BF16), reading the canonical packed format as is.
+
+`native_linear(x2d, qweight, scales, bias, group_size)` computes x @ W.T (+ bias) straight from
+the canonical int32 nibbles and the scheme's scales: no repack, so nothing but the packed weight
+stays resident, and it reads 4.5 bits per weight at group 32 where aten's int4 layout reads 5
+(a zero is stored next to every scale). Source: `csrc/w4a16_cpu.c`.
+
+Applies (`native_reason` returns None) when the CPU has AVX-512 BW + BF16 + F16C, a C compiler
+built the library, and: activations bfloat16 or float32, symmetric weights, K % 32 == 0, and a
+group size that is a power of two >= 32 or K (per channel). The rules depend on shapes and dtypes only.
+
+The library is compiled once per machine with the system C compiler (`$CC`, else `cc`) into
+`$QATPASS_CACHE_DIR` (default `~/.cache/qatpass`), keyed by a hash of the source, the flags and
+the compiler's version, and written atomically so concurrent processes agree. Set
+`QATPASS_CPU_KERNEL=0` to turn it off (the aten int4 path and the fallback remain).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "NATIVE_DTYPES",
+    "disabled",
+    "kernel_unavailable_reason",
+    "native_linear",
+    "native_reason",
+]
+
+log = logging.getLogger(__name__)
+
+NATIVE_DTYPES = (torch.bfloat16, torch.float32)
+_SOURCE = Path(__file__).with_name("csrc") / "w4a16_cpu.c"
+_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
+          "-mavx512bf16", "-mfma", "-mf16c")  # fmt: skip
+_SCALE_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+
+
+def _cache_dir() -> Path:
+    explicit = os.environ.get("QATPASS_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qatpass"
+
+
+def _compile(compiler: str, out: Path) -> None:
+    """Build the library into `out` (atomically); RuntimeError with the compiler's message."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    try:
+        cmd = [compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp_path)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-600:]}")
+        os.replace(tmp_path, out)  # atomic: a concurrent build writes the same bytes
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    log.info("qatpass: built the CPU W4A16 kernel into %s", out)
+
+
+def _library_path(compiler: str) -> Path:
+    """Where this source, built with these flags by this compiler, lives in the cache."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    digest = hashlib.sha256("\0".join([_SOURCE.read_text(), *_FLAGS, version]).encode())
+    key = digest.hexdigest()[:16]
+    return _cache_dir() / f"w4a16_cpu-{key}.so"
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    """(library, None) or (None, why it is unavailable). Built at most once per process."""
+    if os.environ.get("QATPASS_CPU_KERNEL", "1") == "0":
+        return None, "disabled by QATPASS_CPU_KERNEL=0"
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"the kernel is x86-64 only (this CPU: {platform.machine()})"
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None, "no C compiler found ($CC or cc)"
+    try:
+        path = _library_path(compiler)
+        if not path.exists():
+            _compile(compiler, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError) as e:
+        log.warning("qatpass: CPU W4A16 kernel unavailable: %s", e)
+        return None, f"build failed: {e}"
+    if not lib.qp_cpu_supported():
+        return None, "this CPU lacks AVX-512 BW/BF16 or F16C"
+    lib.qp_w4a16_bf16.argtypes = [_PTR, _PTR, _PTR, _INT, _PTR, _PTR, _INT, _I64, _I64, _I64,
+                                  _I64, _INT]  # fmt: skip
+    lib.qp_w4a16_bf16.restype = None
+    lib.qp_w4a16_f32.argtypes = [_PTR, _PTR, _PTR, _INT, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT]
+    lib.qp_w4a16_f32.restype = None
+    return lib, None
+
+
+_disabled_depth = 0
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block the native kernel is not used (aten's int4 path or the fallback run).
+
+    For comparisons and tests; `convert` inside the block also builds the aten repack.
+    """
+    global _disabled_depth
+    _disabled_depth += 1
+    try:
+        yield
+    finally:
+        _disabled_depth -= 1
+
+
+def kernel_unavailable_reason() -> str | None:
+    """Why the native kernel cannot run here (machine, build, `disabled()`), or None."""
+    if _disabled_depth:
+        return "disabled by qatpass.lowering.cpu_kernel.disabled()"
+    return _load()[1]
+
+
+def native_reason(
+    x_dtype: torch.dtype, scale_dtype: torch.dtype, symmetric: bool, k: int, group_size: int
+) -> str | None:
+    """Why a [*, k] weight cannot take the native kernel for `x_dtype` activations, or None.
+
+    group_size is the effective group (K when per channel).
+    """
+    machine = kernel_unavailable_reason()
+    if machine is not None:
+        return machine
+    if x_dtype not in NATIVE_DTYPES:
+        return f"activation dtype {x_dtype} (the native kernel takes bfloat16/float32)"
+    if scale_dtype not in _SCALE_KIND:
+        return f"scale dtype {scale_dtype}"
+    if not symmetric:
+        return "asymmetric weights"
+    if k % 32 or group_size % 32:
+        return f"K={k} and group size {group_size} must be multiples of 32"
+    if group_size != k and group_size & (group_size - 1):
+        return f"group size {group_size} is neither a power of two nor K={k}"
+    return None
+
+
+def _arrange(x2d: torch.Tensor, block: int) -> torch.Tensor:
+    """x [M, K] -> [M, ceil(K/block), 2, block/2]: per block of k, even k first, then odd k."""
+    m, k = x2d.shape
+    pad = -k % block
+    if pad:
+        x2d = F.pad(x2d, (0, pad))
+    return x2d.reshape(m, -1, block // 2, 2).transpose(-1, -2).contiguous()
+
+
+def native_linear(
+    x2d: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """x2d [M, K] @ W.T (+ bias) -> [M, N] in x2d.dtype; the caller checked `native_reason`."""
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(f"qatpass: the native CPU kernel is unavailable: {why}")
+    m, k = x2d.shape
+    n = qweight.shape[0]
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    bias32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    bias_ptr = None if bias32 is None else bias32.data_ptr()
+    y = torch.empty((m, n), dtype=x2d.dtype)
+    if m == 0:
+        return y
+    threads = torch.get_num_threads()
+    kind = _SCALE_KIND[scales.dtype]
+    if x2d.dtype == torch.bfloat16:
+        xa = _arrange(x2d, 64)
+        lib.qp_w4a16_bf16(xa.data_ptr(), qweight.data_ptr(), scales.data_ptr(), kind, bias_ptr,
+                          y.data_ptr(), 0, m, n, k, group_size, threads)  # fmt: skip
+    else:
+        xa = _arrange(x2d.contiguous(), 32)
+        lib.qp_w4a16_f32(xa.data_ptr(), qweight.data_ptr(), scales.data_ptr(), kind, bias_ptr,
+                         y.data_ptr(), m, n, k, group_size, threads)  # fmt: skip
+    return y

@@ -1,0 +1,150 @@
+"""qatpass's native CPU W4A16 kernel (csrc/w4a16_cpu.c) against the scheme's math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qatpass.lowering import cpu_kernel
+from qatpass.lowering.cpu_kernel import disabled, native_linear, native_reason
+from qatpass.scheme import Int4Scheme, dequantize, quantize
+
+from conftest import ACCUM, needs_native
+
+w4a16_linear = torch.ops.qatpass.w4a16_linear
+
+
+def _exact(x, p, bias):
+    """x @ W.T (+ bias) in float64 from the scheme's dequantized weight."""
+    y = x.double() @ dequantize(p, torch.float64).t()
+    return y if bias is None else y + bias.double()
+
+
+def _check(y, x, p, bias):
+    """bf16: within one bf16 rounding of the exact value (fp32 sums, one final rounding);
+    fp32: within 2^-20 of the sum of |products| (fp32 accumulation error, any order)."""
+    ref = _exact(x, p, bias)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    magnitude = x.double().abs() @ dequantize(p, torch.float64).abs().t()
+    err = (y.double() - ref).abs()
+    if x.dtype == torch.bfloat16:
+        bound = ref.abs() * 2**-8 + magnitude * 2**-20
+    else:
+        bound = magnitude * 2**-20
+    assert bool((err <= bound).all()), float((err - bound).max())
+
+
+@needs_native
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 33])
+@pytest.mark.parametrize(
+    ("n", "k", "group_size"),  # K % 64 == 32 (a half chunk at the end) in the last four
+    [(48, 256, 32), (48, 256, 64), (48, 256, -1), (40, 96, 32), (40, 96, -1), (7, 1056, 32),
+     (7, 1056, -1)],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_native_matches_the_scheme(m, n, k, group_size, dtype, has_bias):
+    p = quantize(torch.randn(n, k).to(dtype), Int4Scheme(group_size=group_size))
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype) if has_bias else None
+    _check(native_linear(x, p.qweight, p.scales, bias, p.group_size), x, p, bias)
+
+
+@needs_native
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_reads_every_scale_dtype(scale_dtype, dtype):
+    p = quantize(torch.randn(32, 128), Int4Scheme(group_size=32, scale_dtype=scale_dtype))
+    x = torch.randn(5, 128).to(dtype)
+    _check(native_linear(x, p.qweight, p.scales, None, 32), x, p, None)
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, 20),
+    n=st.integers(1, 70),
+    blocks=st.integers(1, 20),
+    log_group=st.integers(5, 8),
+    dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
+def test_native_shapes_and_groups(m, n, blocks, log_group, dtype, seed):
+    torch.manual_seed(seed)
+    group = 2**log_group
+    k = 32 * blocks * max(1, group // 32)
+    p = quantize(torch.randn(n, k).to(dtype), Int4Scheme(group_size=group))
+    x = torch.randn(m, k).to(dtype)
+    _check(native_linear(x, p.qweight, p.scales, None, group), x, p, None)
+
+
+@needs_native
+def test_native_is_deterministic_across_thread_counts():
+    """Rows are split across threads, each row's sum keeps its order: bit-equal results."""
+    p = quantize(torch.randn(256, 512).bfloat16(), Int4Scheme())
+    x = torch.randn(4, 512).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native_linear(x, p.qweight, p.scales, None, 32)
+        torch.set_num_threads(2)
+        two = native_linear(x, p.qweight, p.scales, None, 32)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@needs_native
+def test_the_op_runs_native_by_default_and_the_fallback_when_disabled():
+    p = quantize(torch.randn(64, 128), Int4Scheme())
+    x = torch.randn(3, 128)
+    native = w4a16_linear(x, p.qweight, p.scales, group_size=32)
+    torch.testing.assert_close(
+        native, native_linear(x, p.qweight, p.scales, None, 32), rtol=0, atol=0
+    )
+    with disabled():
+        fallback = w4a16_linear(x, p.qweight, p.scales, group_size=32)
+    torch.testing.assert_close(fallback, F.linear(x, dequantize(p)), rtol=0, atol=0)
+    torch.testing.assert_close(native, fallback, **ACCUM[torch.float32])
+
+
+@needs_native
+def test_native_under_compile_aot_eager():
+    p = quantize(torch.randn(64, 128).bfloat16(), Int4Scheme())
+
+    def f(x):
+        return w4a16_linear(x, p.qweight, p.scales, group_size=32).relu()
+
+    x = torch.randn(2, 3, 128).bfloat16()
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, f(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale_dtype", "symmetric", "k", "group", "why"),
+    [
+        (torch.float16, torch.float16, True, 128, 32, "activation dtype"),
+        (torch.bfloat16, torch.bfloat16, False, 128, 32, "asymmetric"),
+        (torch.bfloat16, torch.bfloat16, True, 136, 136, "multiples of 32"),
+        (torch.bfloat16, torch.bfloat16, True, 128, 16, "multiples of 32"),
+        (torch.bfloat16, torch.bfloat16, True, 192, 96, "power of two"),
+    ],
+)
+def test_native_refusals(dtype, scale_dtype, symmetric, k, group, why):
+    reason = native_reason(dtype, scale_dtype, symmetric, k, group)
+    assert reason is not None
+    assert why in reason or cpu_kernel.kernel_unavailable_reason() is not None
+
+
+def test_disabled_names_itself():
+    with disabled():
+        assert "disabled" in cpu_kernel.kernel_unavailable_reason()
+
+
+def test_a_failing_compiler_gives_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="failed"):
+        cpu_kernel._compile("false", tmp_path / "lib.so")
+    assert not list(tmp_path.iterdir())  # no half-written library left behind
