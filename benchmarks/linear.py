@@ -16,7 +16,7 @@ resident on CPU (plus any repack), each over bf16. Symmetric, group sizes 32 (th
 128. Each thread count in --threads is set with torch.set_num_threads and recorded per row.
 Variants are timed round-robin so a busy machine slows them alike.
 
-Cold by default: before every timed call a 128 MiB buffer is written, so weights come from DRAM
+Cold by default: before every timed call a 128 MiB buffer is read, so weights come from DRAM
 as in a model whose weights exceed the last-level cache (a 4096x4096 INT4 weight, 9 MB, would
 otherwise sit in a 32 MB L3 between calls while its 33 MB bf16 twin would not). `--warm` skips
 the flush. With CUDA it appends `run_cuda()` rows from benchmarks/cuda_linear.py.
@@ -53,11 +53,15 @@ _FLUSH: torch.Tensor | None = None
 
 
 def flush_caches() -> None:
-    """Write 128 MiB so that the last-level cache holds nothing a timed call reads."""
+    """Read 128 MiB so that the last-level cache holds nothing a timed call reads.
+
+    A read, not a write: written lines would be dirty, and their write-back would tax the next
+    call's memory bandwidth, which no real previous layer does.
+    """
     global _FLUSH
     if _FLUSH is None:
-        _FLUSH = torch.empty(32 * 2**20, dtype=torch.float32)
-    _FLUSH.fill_(1.0)
+        _FLUSH = torch.ones(32 * 2**20, dtype=torch.float32)
+    _FLUSH.sum()
 
 
 def median_ms(

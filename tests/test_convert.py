@@ -219,9 +219,9 @@ def test_k_not_divisible_by_group_is_left_in_high_precision():
 
 def test_wrong_device_input_is_refused():
     qlinear = convert(nn.Linear(64, 16), exclude=())
-    with pytest.raises(ValueError, match="is on cpu, x on meta"):
+    with pytest.raises(ValueError, match="is on cpu but x is on meta"):
         qlinear(torch.randn(2, 64, device="meta"))
-    with pytest.raises(TypeError, match="x must be float32/bfloat16/float16"):
+    with pytest.raises(TypeError, match="x must be float16, bfloat16 or float32"):
         qlinear(torch.ones(2, 64, dtype=torch.int64))
 
 

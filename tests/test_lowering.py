@@ -142,7 +142,7 @@ def _bad_args():
     ok = {"x": x, "qweight": p.qweight, "scales": p.scales, "group_size": 32}
     return [
         ({**ok, "x": x.to(torch.int32)}, TypeError, "x must be"),
-        ({**ok, "x": torch.randn(2, 48)}, ValueError, "48 input features"),
+        ({**ok, "x": torch.randn(2, 48)}, ValueError, "x has K=48"),
         ({**ok, "qweight": p.qweight.view(torch.uint8)}, TypeError, "qweight must be int32"),
         ({**ok, "qweight": p.qweight[None]}, ValueError, r"qweight must be \[N, K/8\]"),
         ({**ok, "group_size": 48}, ValueError, "not divisible by group_size 48"),

@@ -26,62 +26,9 @@ import torch
 
 from qatpass.lowering.cpu_int4 import dequant_linear, int4pack_linear
 from qatpass.lowering.cpu_kernel import native_linear, native_reason
+from qatpass.packed_args import check_packed_args
 
-__all__ = ["w4a16_linear", "w4a16_grouped_linear", "check_w4a16_args"]
-
-_ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def check_w4a16_args(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    group_size: int,
-    *,
-    experts: bool,
-) -> tuple[int, int, int]:
-    """Validate the op's inputs (shapes, dtypes, devices); returns (N, K, effective group)."""
-    lead = 1 if experts else 0
-    if x.dtype not in _ACTIVATION_DTYPES:
-        raise TypeError(f"w4a16: x must be float32/bfloat16/float16, got {x.dtype}")
-    if qweight.dtype != torch.int32:
-        raise TypeError(f"w4a16: qweight must be int32 (8 nibbles per word), got {qweight.dtype}")
-    if qweight.dim() != 2 + lead:
-        want = "[E, N, K/8]" if experts else "[N, K/8]"
-        raise ValueError(f"w4a16: qweight must be {want}, got shape {tuple(qweight.shape)}")
-    n, k = qweight.shape[-2], qweight.shape[-1] * 8
-    if x.shape[-1] != k:
-        raise ValueError(
-            f"w4a16: x has {x.shape[-1]} input features, qweight {tuple(qweight.shape)} packs K={k}"
-        )
-    if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
-        raise ValueError(f"w4a16: group_size must be -1 or a positive int, got {group_size!r}")
-    g = k if group_size == -1 else group_size
-    if k % g:
-        raise ValueError(f"w4a16: K={k} is not divisible by group_size {g}")
-    want = (*qweight.shape[:lead], n, k // g)
-    if tuple(scales.shape) != want:
-        raise ValueError(
-            f"w4a16: scales must have shape {list(want)} for qweight {tuple(qweight.shape)} and "
-            f"group_size {g}, got {tuple(scales.shape)}"
-        )
-    if not scales.is_floating_point():
-        raise TypeError(f"w4a16: scales must be a float tensor, got {scales.dtype}")
-    if zeros is not None:
-        if zeros.dtype != torch.int8:
-            raise TypeError(f"w4a16: zeros must be int8 (signed codes), got {zeros.dtype}")
-        if tuple(zeros.shape) != want:
-            raise ValueError(f"w4a16: zeros must have shape {list(want)}, got {tuple(zeros.shape)}")
-    if bias is not None:
-        bwant = (*qweight.shape[:lead], n)
-        if tuple(bias.shape) != bwant:
-            raise ValueError(f"w4a16: bias must have shape {list(bwant)}, got {tuple(bias.shape)}")
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"w4a16: {name} is on {t.device}, x on {x.device}")
-    return n, k, g
+__all__ = ["w4a16_linear", "w4a16_grouped_linear"]
 
 
 def _use_cpu_cache(
@@ -165,7 +112,7 @@ def w4a16_linear(
     group_size: int,
 ) -> torch.Tensor:
     """x [..., K] @ W.T (+ bias) with W packed (see the module docstring) -> [..., N]."""
-    n, k, g = check_w4a16_args(x, qweight, scales, zeros, bias, group_size, experts=False)
+    n, k, g = check_packed_args(x, qweight, scales, zeros, bias, group_size, experts=False)
     if x.device.type == "cuda":
         from qatpass.triton_kernels import w4a16_matmul
 
@@ -245,7 +192,7 @@ def w4a16_grouped_linear(
     group_size: int,
 ) -> torch.Tensor:
     """Row t of x [T, K] times expert expert_ids[t]'s packed weight [E, N, K/8] -> [T, N]."""
-    n, k, g = check_w4a16_args(x, qweight, scales, zeros, bias, group_size, experts=True)
+    n, k, g = check_packed_args(x, qweight, scales, zeros, bias, group_size, experts=True)
     if x.dim() != 2:
         raise ValueError(f"w4a16_grouped_linear: x must be [T, K], got {tuple(x.shape)}")
     if expert_ids.dtype not in (torch.int32, torch.int64) or expert_ids.dim() != 1:
