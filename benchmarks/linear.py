@@ -16,10 +16,10 @@ resident on CPU (plus any repack), each over bf16. Symmetric, group sizes 32 (th
 128. Each thread count in --threads is set with torch.set_num_threads and recorded per row.
 Variants are timed round-robin so a busy machine slows them alike.
 
-Cold by default: before every timed call a 128 MiB buffer is read, so weights come from DRAM
-as in a model whose weights exceed the last-level cache (a 4096x4096 INT4 weight, 9 MB, would
-otherwise sit in a 32 MB L3 between calls while its 33 MB bf16 twin would not). `--warm` skips
-the flush. With CUDA it appends `run_cuda()` rows from benchmarks/cuda_linear.py.
+Cold by default: each variant rotates over copies of its weight that together fill twice the
+last-level cache, so every call streams its weight from DRAM as a layer of a large model does,
+while the code, x and the output stay in cache (a single 4096x4096 INT4 weight, 9 MB, would sit
+in a 32 MB L3 between calls while its 33 MB bf16 twin would not). `--warm` uses one copy. With CUDA it appends `run_cuda()` rows from benchmarks/cuda_linear.py.
 
 Bandwidth bounds at M=1 over bf16's 2 bytes/weight: the native kernel streams 0.5 byte of nibbles
 plus a 2-byte scale per group, 2 / (0.5 + 2/G) = 3.56x at G=32; aten's layout stores a zero next
@@ -30,8 +30,11 @@ does can beat these ratios (single-threaded here, neither saturates DRAM).
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
+import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -49,29 +52,33 @@ MS = (1, 4, 16, 64)
 GROUP_SIZES = (32, 128)
 
 
-_FLUSH: torch.Tensor | None = None
+def llc_bytes() -> int:
+    """The largest CPU cache from sysfs (the last level), 32 MiB where sysfs does not say."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip().upper()
+        scale = {"K": 2**10, "M": 2**20}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KM")) * scale)
+    return max(sizes, default=32 * 2**20)
 
 
-def flush_caches() -> None:
-    """Read 128 MiB so that the last-level cache holds nothing a timed call reads.
-
-    A read, not a write: written lines would be dirty, and their write-back would tax the next
-    call's memory bandwidth, which no real previous layer does.
-    """
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.ones(32 * 2**20, dtype=torch.float32)
-    _FLUSH.sum()
+def copies_for(nbytes: int, llc: int, cold: bool) -> int:
+    """How many copies of a weight make a rotation that no cache level holds (2x the LLC)."""
+    return min(32, max(1, math.ceil(2 * llc / nbytes))) if cold else 1
 
 
-def median_ms(
-    fns: dict[str, Callable[[], object]], repeats: int, budget_s: float, cold: bool = True
-) -> dict:
+def rotating(fns: list[Callable[[torch.Tensor], object]]) -> Callable[[torch.Tensor], object]:
+    """Each call runs the next copy: like a model's consecutive layers, each weight streams
+    from DRAM while the code, x and the output stay in cache."""
+    it = itertools.cycle(fns)
+    return lambda x: next(it)(x)
+
+
+def median_ms(fns: dict[str, Callable[[], object]], repeats: int, budget_s: float) -> dict:
     """Median ms of each callable, timed round-robin (one call of each per round).
 
     Interleaving gives every variant the same share of a noisy machine's contention. After one
-    warmup call each, rounds run until `repeats` or budget_s (at least 3 rounds). `cold`
-    flushes the caches before every call (not timed).
+    warmup call each, rounds run until `repeats` or budget_s (at least 3 rounds).
     """
     for fn in fns.values():
         fn()
@@ -80,8 +87,6 @@ def median_ms(
     rounds = 0
     while rounds < repeats and (rounds < 3 or time.perf_counter() - start < budget_s):
         for name, fn in fns.items():
-            if cold:
-                flush_caches()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -115,8 +120,18 @@ def _try(fn: Callable[[], object]) -> tuple[object, str | None]:
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
+VARIANTS = ("bf16", "qatpass", "qatpass_aten", "qatpass_fallback", "torchao_int4", "torchao_w8a8")
+
+
 def _shape_rows(
-    n: int, k: int, group_size: int, ms, repeats: int, budget_s: float, cold: bool
+    n: int,
+    k: int,
+    group_size: int,
+    ms,
+    repeats: int,
+    budget_s: float,
+    cold: bool,
+    variants: tuple[str, ...] = VARIANTS,
 ) -> list[dict]:
     import qatpass
     from qatpass.lowering import W4A16Linear
@@ -134,9 +149,9 @@ def _shape_rows(
     fallback = W4A16Linear(packed)
     fallback.cpu_packed = fallback.cpu_scales_zeros = None
 
-    def run_aten(x: torch.Tensor) -> torch.Tensor:
+    def run_aten(x: torch.Tensor, module: W4A16Linear = aten) -> torch.Tensor:
         with disabled():
-            return aten(x)
+            return module(x)
 
     def run_fallback(x: torch.Tensor) -> torch.Tensor:
         with disabled():  # no repack and no native kernel: dequantize + F.linear
@@ -147,18 +162,31 @@ def _shape_rows(
         return packed.nbytes() + sum(t.numel() * t.element_size() for t in cache)
 
     bf16_bytes = w.numel() * 2
+    llc = llc_bytes()
+
+    def copies(module: nn.Module, nbytes: int) -> list[nn.Module]:
+        return [module] + [copy.deepcopy(module) for _ in range(copies_for(nbytes, llc, cold) - 1)]
+
+    weights = [w] + [w.clone() for _ in range(copies_for(bf16_bytes, llc, cold) - 1)]
+    fasts = copies(fast, resident(fast))
+    atens = copies(aten, resident(aten))
+    runs = {
+        "bf16": rotating([lambda x, w=w: F.linear(x, w) for w in weights]),
+        "qatpass": rotating(fasts),
+        "qatpass_aten": rotating([lambda x, a=a: run_aten(x, a) for a in atens]),
+        "qatpass_fallback": run_fallback,  # dequantizes N*K per call: nothing stays cached
+    }
     baselines = {}
-    for kind in ("int4", "w8a8"):
-        baselines[f"torchao_{kind}"] = _try(lambda kind=kind: _torchao(linear, kind, group_size))
+    for kind, nbytes in (("int4", w.numel() // 2), ("w8a8", w.numel())):
+        if f"torchao_{kind}" in variants:
+            mod, err = _try(lambda kind=kind: _torchao(linear, kind, group_size))
+            if mod is not None:
+                mod, err = _try(lambda mod=mod, nbytes=nbytes: rotating(copies(mod, nbytes)))
+            baselines[f"torchao_{kind}"] = (mod, err)
     rows = []
     for m in ms:
         x = torch.randn(m, k).bfloat16()
-        fns = {
-            "bf16": lambda x=x: F.linear(x, w),
-            "qatpass": lambda x=x: fast(x),
-            "qatpass_aten": lambda x=x: run_aten(x),
-            "qatpass_fallback": lambda x=x: run_fallback(x),
-        }
+        fns = {name: lambda x=x, run=run: run(x) for name, run in runs.items()}
         row = {
             "device": "cpu",
             "threads": torch.get_num_threads(),
@@ -168,6 +196,7 @@ def _shape_rows(
             "group_size": group_size,
             "cold": cold,
         }
+        fns = {name: fn for name, fn in fns.items() if name in variants}
         for name, (mod, err) in baselines.items():
             if mod is not None:
                 _, err = _try(lambda mod=mod, x=x: mod(x))
@@ -182,7 +211,7 @@ def _shape_rows(
             row["qatpass_aten_max_abs_diff_vs_dequant_ref"] = float(
                 (run_aten(x).float() - ref).abs().max()
             )
-            row.update({f"{k}_ms": v for k, v in median_ms(fns, repeats, budget_s, cold).items()})
+            row.update({f"{k}_ms": v for k, v in median_ms(fns, repeats, budget_s).items()})
         for key in ("qatpass", "qatpass_aten", "qatpass_fallback", "torchao_int4", "torchao_w8a8"):
             if row.get(f"{key}_ms"):
                 row[f"{key}_speedup_vs_bf16"] = row["bf16_ms"] / row[f"{key}_ms"]
@@ -195,7 +224,14 @@ def _shape_rows(
 
 
 def run_cpu(
-    shapes, ms, group_sizes, threads, repeats: int, budget_s: float, cold: bool = True
+    shapes,
+    ms,
+    group_sizes,
+    threads,
+    repeats: int,
+    budget_s: float,
+    cold: bool = True,
+    variants: tuple[str, ...] = VARIANTS,
 ) -> list[dict]:
     """One row per (threads, group size, N, K, M) on this CPU; times in ms."""
     rows = []
@@ -203,7 +239,7 @@ def run_cpu(
         torch.set_num_threads(t)
         for g in group_sizes:
             for n, k in shapes:
-                rows += _shape_rows(n, k, g, ms, repeats, budget_s, cold)
+                rows += _shape_rows(n, k, g, ms, repeats, budget_s, cold, variants)
     return rows
 
 
@@ -231,7 +267,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ms", default=None, help="comma-separated batch sizes M")
     ap.add_argument("--quick", action="store_true", help="one small shape (a smoke test)")
     ap.add_argument("--warm", action="store_true", help="do not flush caches between calls")
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated, from: " + ", ".join(VARIANTS),
+    )
     args = ap.parse_args(argv)
+    variants = tuple(args.variants.split(","))
+    unknown = set(variants) - set(VARIANTS)
+    if unknown or "bf16" not in variants:
+        ap.error(f"--variants must include bf16 and come from {VARIANTS}, got {args.variants}")
     threads = [int(t) for t in args.threads.split(",")]
     group_sizes = [int(g) for g in args.group_sizes.split(",")]
     shapes, ms = (((256, 512),), (1, 4)) if args.quick else (SHAPES, MS)
@@ -248,8 +293,16 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "cold": not args.warm,
         "native_kernel": kernel_unavailable_reason() or "available",
+        "variants": list(variants),
         "cpu": run_cpu(
-            shapes, ms, group_sizes, threads, args.repeats, args.budget_s, cold=not args.warm
+            shapes,
+            ms,
+            group_sizes,
+            threads,
+            args.repeats,
+            args.budget_s,
+            cold=not args.warm,
+            variants=variants,
         ),
         "cuda": run_cuda_rows(),
     }

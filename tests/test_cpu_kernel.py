@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qatpass.lowering import cpu_kernel
+from qatpass.lowering import convert, cpu_kernel
 from qatpass.lowering.cpu_kernel import disabled, native_linear, native_reason
 from qatpass.scheme import Int4Scheme, dequantize, quantize
 
@@ -21,6 +21,10 @@ def _exact(x, p, bias):
     """x @ W.T (+ bias) in float64 from the scheme's dequantized weight."""
     y = x.double() @ dequantize(p, torch.float64).t()
     return y if bias is None else y + bias.double()
+
+
+def _run(x, p, bias=None):
+    return native_linear(x, p.qweight, p.scales, p.zeros, bias, p.group_size)
 
 
 def _check(y, x, p, bias):
@@ -46,11 +50,16 @@ def _check(y, x, p, bias):
 )  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("has_bias", [False, True])
-def test_native_matches_the_scheme(m, n, k, group_size, dtype, has_bias):
-    p = quantize(torch.randn(n, k).to(dtype), Int4Scheme(group_size=group_size))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_native_matches_the_scheme(m, n, k, group_size, dtype, has_bias, symmetric):
+    scheme = Int4Scheme(group_size=group_size, symmetric=symmetric)
+    if not symmetric:
+        scheme = Int4Scheme(group_size=group_size, symmetric=False, qrange=(-8, 7))
+    w = torch.randn(n, k).to(dtype) + (0.0 if symmetric else 0.7)  # off-centre: zeros matter
+    p = quantize(w, scheme)
     x = torch.randn(m, k).to(dtype)
     bias = torch.randn(n).to(dtype) if has_bias else None
-    _check(native_linear(x, p.qweight, p.scales, bias, p.group_size), x, p, bias)
+    _check(_run(x, p, bias), x, p, bias)
 
 
 @needs_native
@@ -59,26 +68,31 @@ def test_native_matches_the_scheme(m, n, k, group_size, dtype, has_bias):
 def test_native_reads_every_scale_dtype(scale_dtype, dtype):
     p = quantize(torch.randn(32, 128), Int4Scheme(group_size=32, scale_dtype=scale_dtype))
     x = torch.randn(5, 128).to(dtype)
-    _check(native_linear(x, p.qweight, p.scales, None, 32), x, p, None)
+    _check(_run(x, p), x, p, None)
 
 
 @needs_native
 @settings(max_examples=40, deadline=None)
 @given(
     m=st.integers(1, 20),
-    n=st.integers(1, 70),
+    n=st.integers(1, 150),
     blocks=st.integers(1, 20),
     log_group=st.integers(5, 8),
     dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+    symmetric=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_native_shapes_and_groups(m, n, blocks, log_group, dtype, seed):
+def test_native_shapes_and_groups(m, n, blocks, log_group, dtype, symmetric, seed):
     torch.manual_seed(seed)
     group = 2**log_group
     k = 32 * blocks * max(1, group // 32)
-    p = quantize(torch.randn(n, k).to(dtype), Int4Scheme(group_size=group))
+    qrange = (-7, 7) if symmetric else (-8, 7)
+    p = quantize(
+        torch.randn(n, k).to(dtype),
+        Int4Scheme(group_size=group, symmetric=symmetric, qrange=qrange),
+    )
     x = torch.randn(m, k).to(dtype)
-    _check(native_linear(x, p.qweight, p.scales, None, group), x, p, None)
+    _check(_run(x, p), x, p, None)
 
 
 @needs_native
@@ -89,9 +103,9 @@ def test_native_is_deterministic_across_thread_counts():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native_linear(x, p.qweight, p.scales, None, 32)
+        one = native_linear(x, p.qweight, p.scales, None, None, 32)
         torch.set_num_threads(2)
-        two = native_linear(x, p.qweight, p.scales, None, 32)
+        two = native_linear(x, p.qweight, p.scales, None, None, 32)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
@@ -103,7 +117,7 @@ def test_the_op_runs_native_by_default_and_the_fallback_when_disabled():
     x = torch.randn(3, 128)
     native = w4a16_linear(x, p.qweight, p.scales, group_size=32)
     torch.testing.assert_close(
-        native, native_linear(x, p.qweight, p.scales, None, 32), rtol=0, atol=0
+        native, native_linear(x, p.qweight, p.scales, None, None, 32), rtol=0, atol=0
     )
     with disabled():
         fallback = w4a16_linear(x, p.qweight, p.scales, group_size=32)
@@ -124,17 +138,16 @@ def test_native_under_compile_aot_eager():
 
 
 @pytest.mark.parametrize(
-    ("dtype", "scale_dtype", "symmetric", "k", "group", "why"),
+    ("dtype", "scale_dtype", "k", "group", "why"),
     [
-        (torch.float16, torch.float16, True, 128, 32, "activation dtype"),
-        (torch.bfloat16, torch.bfloat16, False, 128, 32, "asymmetric"),
-        (torch.bfloat16, torch.bfloat16, True, 136, 136, "multiples of 32"),
-        (torch.bfloat16, torch.bfloat16, True, 128, 16, "multiples of 32"),
-        (torch.bfloat16, torch.bfloat16, True, 192, 96, "power of two"),
+        (torch.float16, torch.float16, 128, 32, "activation dtype"),
+        (torch.bfloat16, torch.bfloat16, 136, 136, "multiples of 32"),
+        (torch.bfloat16, torch.bfloat16, 128, 16, "multiples of 32"),
+        (torch.bfloat16, torch.bfloat16, 192, 96, "power of two"),
     ],
 )
-def test_native_refusals(dtype, scale_dtype, symmetric, k, group, why):
-    reason = native_reason(dtype, scale_dtype, symmetric, k, group)
+def test_native_refusals(dtype, scale_dtype, k, group, why):
+    reason = native_reason(dtype, scale_dtype, k, group)
     assert reason is not None
     assert why in reason or cpu_kernel.kernel_unavailable_reason() is not None
 
@@ -148,3 +161,15 @@ def test_a_failing_compiler_gives_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match="failed"):
         cpu_kernel._compile("false", tmp_path / "lib.so")
     assert not list(tmp_path.iterdir())  # no half-written library left behind
+
+
+@needs_native
+def test_asymmetric_convert_takes_the_native_kernel():
+    linear = torch.nn.Linear(128, 64).bfloat16()
+    scheme = Int4Scheme(symmetric=False, qrange=(-8, 7))
+    qlinear = convert(linear, scheme=scheme, exclude=())
+    assert qlinear.cpu_path == "native" and qlinear.cpu_packed is None
+    x = torch.randn(3, 128).bfloat16()
+    w = dequantize(qlinear.packed(), torch.float32)
+    ref = F.linear(x.float(), w, linear.bias.float())
+    torch.testing.assert_close(qlinear(x).float(), ref, **ACCUM[torch.bfloat16])

@@ -2,7 +2,7 @@
 
 `plan_cpu` picks, once per packed weight (at convert / compile time), one of:
 - "native": qatpass's own kernel (`cpu_kernel`) on the canonical buffers, no repack; first
-  choice wherever it applies (bf16/fp32 activations, symmetric, AVX-512 BF16 CPU);
+  choice wherever it applies (bf16/fp32 activations, AVX-512 BF16 CPU, symmetric or not);
 - "int4pack": aten's int4 GEMM on a one-time repack (below), e.g. fp16 activations;
 - "dequant": the scheme's dequantize, then F.linear, per call.
 
@@ -104,7 +104,7 @@ def plan_cpu(
     """
     dtype = dtype or p.dtype
     n, k = p.qweight.shape[-2], p.qweight.shape[-1] * 8
-    native = native_reason(dtype, p.scales.dtype, symmetric, k, p.group_size)
+    native = native_reason(dtype, p.scales.dtype, k, p.group_size)
     if native is None:
         return "native", None, None
     aten = cpu_pack_reason(n, p.group_size, symmetric, p.scales.dtype, dtype)

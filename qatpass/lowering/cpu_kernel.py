@@ -1,13 +1,14 @@
 """qatpass's own CPU W4A16 kernel (AVX-512 BF16), reading the canonical packed format as is.
 
-`native_linear(x2d, qweight, scales, bias, group_size)` computes x @ W.T (+ bias) straight from
+`native_linear(x2d, qweight, scales, zeros, bias, group_size)` computes x @ W.T (+ bias) straight from
 the canonical int32 nibbles and the scheme's scales: no repack, so nothing but the packed weight
 stays resident, and it reads 4.5 bits per weight at group 32 where aten's int4 layout reads 5
 (a zero is stored next to every scale). Source: `csrc/w4a16_cpu.c`.
 
 Applies (`native_reason` returns None) when the CPU has AVX-512 BW + BF16 + F16C, a C compiler
-built the library, and: activations bfloat16 or float32, symmetric weights, K % 32 == 0, and a
-group size that is a power of two >= 32 or K (per channel). The rules depend on shapes and dtypes only.
+built the library, and: activations bfloat16 or float32, K % 32 == 0, and a group size that is
+a power of two >= 32 or K (per channel); symmetric or not (zeros are folded into each group's
+decode table, so the codes minus zero stay exact small integers). The rules depend on shapes and dtypes only.
 
 The library is compiled once per machine with the system C compiler (`$CC`, else `cc`) into
 `$QATPASS_CACHE_DIR` (default `~/.cache/qatpass`), keyed by a hash of the source, the flags and
@@ -104,10 +105,11 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"build failed: {e}"
     if not lib.qp_cpu_supported():
         return None, "this CPU lacks AVX-512 BW/BF16 or F16C"
-    lib.qp_w4a16_bf16.argtypes = [_PTR, _PTR, _PTR, _INT, _PTR, _PTR, _INT, _I64, _I64, _I64,
-                                  _I64, _INT]  # fmt: skip
+    lib.qp_w4a16_bf16.argtypes = [_PTR, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _INT, _I64, _I64,
+                                  _I64, _I64, _INT]  # fmt: skip
     lib.qp_w4a16_bf16.restype = None
-    lib.qp_w4a16_f32.argtypes = [_PTR, _PTR, _PTR, _INT, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT]
+    lib.qp_w4a16_f32.argtypes = [_PTR, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _I64, _I64, _I64,
+                                 _I64, _INT]  # fmt: skip
     lib.qp_w4a16_f32.restype = None
     return lib, None
 
@@ -137,7 +139,7 @@ def kernel_unavailable_reason() -> str | None:
 
 
 def native_reason(
-    x_dtype: torch.dtype, scale_dtype: torch.dtype, symmetric: bool, k: int, group_size: int
+    x_dtype: torch.dtype, scale_dtype: torch.dtype, k: int, group_size: int
 ) -> str | None:
     """Why a [*, k] weight cannot take the native kernel for `x_dtype` activations, or None.
 
@@ -150,8 +152,6 @@ def native_reason(
         return f"activation dtype {x_dtype} (the native kernel takes bfloat16/float32)"
     if scale_dtype not in _SCALE_KIND:
         return f"scale dtype {scale_dtype}"
-    if not symmetric:
-        return "asymmetric weights"
     if k % 32 or group_size % 32:
         return f"K={k} and group size {group_size} must be multiples of 32"
     if group_size != k and group_size & (group_size - 1):
@@ -172,6 +172,7 @@ def native_linear(
     x2d: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
+    zeros: torch.Tensor | None,
     bias: torch.Tensor | None,
     group_size: int,
 ) -> torch.Tensor:
@@ -182,6 +183,8 @@ def native_linear(
     m, k = x2d.shape
     n = qweight.shape[0]
     qweight, scales = qweight.contiguous(), scales.contiguous()
+    zeros = None if zeros is None else zeros.contiguous()
+    zeros_ptr = None if zeros is None else zeros.data_ptr()
     bias32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
     bias_ptr = None if bias32 is None else bias32.data_ptr()
     y = torch.empty((m, n), dtype=x2d.dtype)
@@ -191,10 +194,10 @@ def native_linear(
     kind = _SCALE_KIND[scales.dtype]
     if x2d.dtype == torch.bfloat16:
         xa = _arrange(x2d, 64)
-        lib.qp_w4a16_bf16(xa.data_ptr(), qweight.data_ptr(), scales.data_ptr(), kind, bias_ptr,
-                          y.data_ptr(), 0, m, n, k, group_size, threads)  # fmt: skip
+        lib.qp_w4a16_bf16(xa.data_ptr(), qweight.data_ptr(), scales.data_ptr(), kind, zeros_ptr,
+                          bias_ptr, y.data_ptr(), 0, m, n, k, group_size, threads)  # fmt: skip
     else:
         xa = _arrange(x2d.contiguous(), 32)
-        lib.qp_w4a16_f32(xa.data_ptr(), qweight.data_ptr(), scales.data_ptr(), kind, bias_ptr,
-                         y.data_ptr(), m, n, k, group_size, threads)  # fmt: skip
+        lib.qp_w4a16_f32(xa.data_ptr(), qweight.data_ptr(), scales.data_ptr(), kind, zeros_ptr,
+                         bias_ptr, y.data_ptr(), m, n, k, group_size, threads)  # fmt: skip
     return y

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qatpass.lowering import ops as _ops  # noqa: F401  (registers the ops)
+from qatpass.lowering import ops as _ops
 from qatpass.lowering.cpu_int4 import plan_cpu, repack_for_cpu_
 from qatpass.scheme import Int4Scheme, PackedWeight, quantize
 
@@ -118,7 +118,7 @@ class W4A16Linear(PackedMixin, nn.Module):
         return cls(quantize(linear.weight.detach(), scheme, dim=1), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.qatpass.w4a16_linear(
+        return _ops.linear(
             x,
             self.qweight,
             self.scales,
