@@ -8,7 +8,8 @@ A small Llama-style model (HF LlamaForCausalLM from a config), AdamW, fwd + bwd 
 - torchao_eager:   torchao QATConfig(step="prepare") module swap, eager
 - torchao_compiled: the same, torch.compile with Inductor
 All use int4 weights, group 32, symmetric; lm_head and embeddings in high precision.
-Reports the median step time over `--steps` timed steps after `--warmup` steps.
+Reports the median step time over `--steps` timed steps after `--warmup` steps; with `--rounds R`
+the sweep runs R times, variants alternating, and each reports the median of its R medians.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def make_step(model: nn.Module, run: nn.Module, ids: torch.Tensor) -> Callable[[
 
 
 def _child_args(argv: list[str] | None) -> list[str]:
-    """The parent's arguments minus --variants/--out, for a one-variant child process."""
+    """The parent's arguments minus --variants/--out/--rounds, for a one-variant child."""
     args = list(sys.argv[1:] if argv is None else argv)
     out = []
     skip = False
@@ -95,10 +96,10 @@ def _child_args(argv: list[str] | None) -> list[str]:
         if skip:
             skip = False
             continue
-        if a in ("--variants", "--out"):
+        if a in ("--variants", "--out", "--rounds"):
             skip = True
             continue
-        if a.startswith(("--variants=", "--out=")):
+        if a.startswith(("--variants=", "--out=", "--rounds=")):
             continue
         out.append(a)
     return out
@@ -118,6 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--in-process", action="store_true", help="run variants here, not one process each"
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the one-process-per-variant sweep, alternating variants; each variant "
+        "reports the median of its round medians (a noisy machine loads every variant alike)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -135,16 +143,27 @@ def main(argv: list[str] | None = None) -> dict:
     names = args.variants.split(",")
     if len(names) > 1 and not args.in_process:
         # one fresh process per variant: no variant inherits another's caches or allocator state
-        for name in names:
-            cmd = [sys.executable, __file__, *_child_args(argv), "--variants", name, "--in-process"]
-            child = json.loads(
-                subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            )
-            rows[name] = child["results"][name]
-            print(
-                f"{name:>17}: {rows[name].get('median_s', rows[name].get('error'))}",
-                file=sys.stderr,
-            )
+        rounds: dict[str, list[dict]] = {name: [] for name in names}
+        for _ in range(args.rounds):
+            for name in names:
+                cmd = [sys.executable, __file__, *_child_args(argv), "--variants", name]
+                cmd += ["--in-process"]
+                child = json.loads(
+                    subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                )
+                rounds[name].append(child["results"][name])
+                row = rounds[name][-1]
+                print(f"{name:>17}: {row.get('median_s', row.get('error'))}", file=sys.stderr)
+        for name, runs in rounds.items():
+            ok = [r for r in runs if "median_s" in r]
+            if not ok:
+                rows[name] = runs[0]
+                continue
+            rows[name] = {
+                "median_s": statistics.median(r["median_s"] for r in ok),
+                "round_medians_s": [r["median_s"] for r in ok],
+                "warmup_s": statistics.median(r["warmup_s"] for r in ok),
+            }
         names = []
     for name in names:
         build = variants[name]

@@ -173,3 +173,17 @@ def test_asymmetric_convert_takes_the_native_kernel():
     w = dequantize(qlinear.packed(), torch.float32)
     ref = F.linear(x.float(), w, linear.bias.float())
     torch.testing.assert_close(qlinear(x).float(), ref, **ACCUM[torch.bfloat16])
+
+
+@needs_native
+def test_native_linear_refuses_bad_input():
+    p = quantize(torch.randn(32, 128), Int4Scheme())
+    x = torch.randn(2, 128)
+    with pytest.raises(ValueError, match="x has K=96"):
+        native_linear(torch.randn(2, 96), p.qweight, p.scales, None, None, 32)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        native_linear(x, p.qweight, p.scales[:, :2], None, None, 32)
+    with pytest.raises(ValueError, match=r"x must be \[M, K\]"):
+        native_linear(x[None], p.qweight, p.scales, None, None, 32)
+    with pytest.raises(ValueError, match="activation dtype"):
+        native_linear(x.half(), p.qweight, p.scales, None, None, 32)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from qatpass.lowering.cpu_int4 import dequant_linear, int4pack_linear
-from qatpass.lowering.cpu_kernel import native_linear, native_reason
+from qatpass.lowering.cpu_kernel import library, native_reason, run_native
 from qatpass.packed_args import check_packed_args
 
 __all__ = ["w4a16_linear", "w4a16_grouped_linear", "linear"]
@@ -70,7 +70,7 @@ def _cpu_linear(
     else the dequantizing fallback. group_size is the effective group."""
     k = x2d.shape[-1]
     if native_reason(x2d.dtype, scales.dtype, k, group_size) is None:
-        return native_linear(x2d, qweight, scales, zeros, bias, group_size)
+        return run_native(library(), x2d, qweight, scales, zeros, bias, group_size)
     if fast:
         return int4pack_linear(x2d, cpu_packed, cpu_scales_zeros, bias)
     return dequant_linear(x2d, qweight, scales, zeros, bias, group_size=group_size)

@@ -24,7 +24,7 @@
 #include <string.h>
 
 #define MT 8                // rows of x per pass over a weight row (accumulators in registers)
-#define NS 2                // weight rows streamed at once when M == 1 (from a block's halves)
+#define NS 2                // weight rows streamed at once when M == 1 (from the two halves)
 #define RB 64               // weight rows per block of work (one OpenMP task)
 #define X_TILE_BYTES 32768  // x kept in L1/L2 while a block of weight rows streams past it
 #define PREFETCH_BYTES 2048 // weights requested this far ahead (the stream runs past rows)
@@ -177,6 +177,26 @@ static inline __attribute__((always_inline)) void bf16_body(
     const Decoder* d, const float* bias, void* y, int out_kind, int64_t m, int64_t n,
     int64_t groups, int nthreads, const int asym) {
   const int64_t k = d->k, chunks = (k + 63) / 64, blocks = (n + RB - 1) / RB;
+  if (m == 1 && X_TILE_BYTES / 128 >= chunks) {
+    // decode: rows i and i + half together, so each thread reads two long sequential streams
+    const int64_t half = (n + 1) / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < half; ++i) {
+      const int both = i + half < n;
+      Row rows[NS] = {row_at(qweight, scales, zeros, i, k, groups, d->kind)};
+      float acc[NS] = {0};
+      float* o[NS] = {&acc[0], &acc[1]};
+      if (both) {
+        rows[1] = row_at(qweight, scales, zeros, i + half, k, groups, d->kind);
+        rows_m1_bf16(x, rows, d, chunks, o, NS, asym);
+        store(y, out_kind, i + half, acc[1] + (bias ? bias[i + half] : 0.0f));
+      } else {
+        rows_m1_bf16(x, rows, d, chunks, o, 1, asym);
+      }
+      store(y, out_kind, i, acc[0] + (bias ? bias[i] : 0.0f));
+    }
+    return;
+  }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t r0 = b * RB, r1 = r0 + RB < n ? r0 + RB : n;
@@ -187,20 +207,7 @@ static inline __attribute__((always_inline)) void bf16_body(
       // prefetch along the row when it is read whole, else the same spot of the next row
       const int64_t pf = span >= chunks ? PREFETCH_BYTES : k / 2;
       float out[RB][MT] = {{0}};
-      if (mt == 1 && span >= chunks) {  // decode: NS rows at once, from the block's NS parts
-        const int64_t part = (r1 - r0 + NS - 1) / NS;
-        for (int64_t i = 0; i < part; ++i) {
-          Row rows[NS];
-          float* o[NS];
-          int cnt = 0;
-          for (int64_t row = r0 + i; row < r1 && cnt < NS; row += part, ++cnt) {
-            rows[cnt] = row_at(qweight, scales, zeros, row, k, groups, d->kind);
-            o[cnt] = out[row - r0];
-          }
-          if (cnt == NS) rows_m1_bf16(xt, rows, d, chunks, o, NS, asym);
-          else rows_m1_bf16(xt, rows, d, chunks, o, 1, asym);
-        }
-      } else {
+      {
         for (int64_t c0 = 0; c0 < chunks; c0 += span) {
           const int64_t c1 = c0 + span < chunks ? c0 + span : chunks;
           for (int64_t row = r0; row < r1; ++row) {
