@@ -8,6 +8,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import MOE_INTERMEDIATE
+from tiny_models import export_llama as tiny_llama
+from tiny_models import export_moe as tiny_moe
 
 import qatpass
 from qatpass.config import QatConfig
@@ -35,38 +38,7 @@ from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import (  
 )
 from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
 
-MOE_I = 32
-
-
-def tiny_llama(tie: bool = False) -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_cache=False,
-        tie_word_embeddings=tie,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def tiny_moe() -> torch.nn.Module:
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=MOE_I,
-        num_experts=4,
-        num_experts_per_tok=2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        use_cache=False,
-    )
-    return transformers.Qwen3MoeForCausalLM(cfg).eval()
+MOE_I = MOE_INTERMEDIATE
 
 
 MODELS = {"llama": tiny_llama, "moe": tiny_moe}

@@ -6,6 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import Logits
+from tiny_models import export_llama as tiny_llama
+from tiny_models import export_moe as tiny_moe
 from torch import nn
 
 from qatpass.config import QatConfig
@@ -22,45 +25,6 @@ transformers = pytest.importorskip("transformers")
 # math as the torch op, summed differently (max error seen on the tiny models: 3e-7).
 ORT_FP32 = {"rtol": 1e-4, "atol": 1e-4}
 SHAPES = [(1, 5), (3, 11)]
-
-
-class Logits(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids).logits
-
-
-def tiny_llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_cache=False,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def tiny_moe() -> nn.Module:
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_experts=4,
-        num_experts_per_tok=2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        use_cache=False,
-    )
-    return transformers.Qwen3MoeForCausalLM(cfg).eval()
 
 
 def run_ort(path, *inputs: torch.Tensor) -> np.ndarray:

@@ -9,6 +9,9 @@ import textwrap
 
 import pytest
 import torch
+from tiny_models import Logits
+from tiny_models import export_llama as tiny_llama
+from tiny_models import export_moe as tiny_moe
 from torch import nn
 
 from qatpass.config import QatConfig
@@ -19,45 +22,6 @@ from qatpass.scheme import Int4Scheme
 from conftest import ACCUM, EXACT
 
 transformers = pytest.importorskip("transformers")
-
-
-class Logits(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids).logits
-
-
-def tiny_llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_cache=False,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def tiny_moe() -> nn.Module:
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_experts=4,
-        num_experts_per_tok=2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        use_cache=False,
-    )
-    return transformers.Qwen3MoeForCausalLM(cfg).eval()
 
 
 MODELS = {"llama": tiny_llama, "moe": tiny_moe}
