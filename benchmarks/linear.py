@@ -19,7 +19,8 @@ Variants are timed round-robin so a busy machine slows them alike.
 Cold by default: each variant rotates over copies of its weight that together fill twice the
 last-level cache, so every call streams its weight from DRAM as a layer of a large model does,
 while the code, x and the output stay in cache (a single 4096x4096 INT4 weight, 9 MB, would sit
-in a 32 MB L3 between calls while its 33 MB bf16 twin would not). `--warm` uses one copy. With CUDA it appends `run_cuda()` rows from benchmarks/cuda_linear.py.
+in a 32 MB L3 between calls while its 33 MB bf16 twin would not). `--warm` uses one copy.
+With CUDA it appends `run_cuda()` rows from benchmarks/cuda_linear.py.
 
 Bandwidth bounds at M=1 over bf16's 2 bytes/weight: the native kernel streams 0.5 byte of nibbles
 plus a 2-byte scale per group, 2 / (0.5 + 2/G) = 3.56x at G=32; aten's layout stores a zero next
@@ -147,7 +148,7 @@ def _shape_rows(
     with disabled():
         aten = W4A16Linear(packed)
     fallback = W4A16Linear(packed)
-    fallback.cpu_packed = fallback.cpu_scales_zeros = None
+    fallback.cpu_packed = fallback.cpu_scales_zeros = None  # where the aten repack was built
 
     def run_aten(x: torch.Tensor, module: W4A16Linear = aten) -> torch.Tensor:
         with disabled():
@@ -167,15 +168,19 @@ def _shape_rows(
     def copies(module: nn.Module, nbytes: int) -> list[nn.Module]:
         return [module] + [copy.deepcopy(module) for _ in range(copies_for(nbytes, llc, cold) - 1)]
 
-    weights = [w] + [w.clone() for _ in range(copies_for(bf16_bytes, llc, cold) - 1)]
-    fasts = copies(fast, resident(fast))
-    atens = copies(aten, resident(aten))
-    runs = {
-        "bf16": rotating([lambda x, w=w: F.linear(x, w) for w in weights]),
-        "qatpass": rotating(fasts),
-        "qatpass_aten": rotating([lambda x, a=a: run_aten(x, a) for a in atens]),
-        "qatpass_fallback": run_fallback,  # dequantizes N*K per call: nothing stays cached
+    def bf16_run() -> Callable[[torch.Tensor], object]:
+        weights = [w] + [w.clone() for _ in range(copies_for(bf16_bytes, llc, cold) - 1)]
+        return rotating([lambda x, w=w: F.linear(x, w) for w in weights])
+
+    builders = {  # only the variants asked for get their copies
+        "bf16": bf16_run,
+        "qatpass": lambda: rotating(copies(fast, resident(fast))),
+        "qatpass_aten": lambda: rotating(
+            [lambda x, a=a: run_aten(x, a) for a in copies(aten, resident(aten))]
+        ),
+        "qatpass_fallback": lambda: run_fallback,  # dequantizes N*K per call: nothing stays cached
     }
+    runs = {name: build() for name, build in builders.items() if name in variants}
     baselines = {}
     for kind, nbytes in (("int4", w.numel() // 2), ("w8a8", w.numel())):
         if f"torchao_{kind}" in variants:
@@ -196,7 +201,6 @@ def _shape_rows(
             "group_size": group_size,
             "cold": cold,
         }
-        fns = {name: fn for name, fn in fns.items() if name in variants}
         for name, (mod, err) in baselines.items():
             if mod is not None:
                 _, err = _try(lambda mod=mod, x=x: mod(x))

@@ -129,16 +129,30 @@ def w4a16_linear(
     group_size: int,
 ) -> torch.Tensor:
     """x [..., K] @ W.T (+ bias) with W packed (see the module docstring) -> [..., N]."""
-    n, k, g = check_packed_args(x, qweight, scales, zeros, bias, group_size, experts=False)
     if x.device.type == "cuda":
+        check_packed_args(x, qweight, scales, zeros, bias, group_size, experts=False)
         from qatpass.triton_kernels import w4a16_matmul
 
         return w4a16_matmul(x, qweight, scales, zeros, group_size=group_size, bias=bias)
-    lead = x.shape[:-1]
+    return _linear_on_cpu(x, qweight, scales, zeros, bias, cpu_packed, cpu_scales_zeros, group_size)
+
+
+def _linear_on_cpu(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    cpu_packed: torch.Tensor | None,
+    cpu_scales_zeros: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """Validate, flatten x to [M, K], run the CPU body, restore x's leading dims."""
+    n, k, g = check_packed_args(x, qweight, scales, zeros, bias, group_size, experts=False)
     y = torch.ops.qatpass.w4a16_linear_cpu(
         x.reshape(-1, k), qweight, scales, zeros, bias, g, cpu_packed, cpu_scales_zeros
     )
-    return y.reshape(*lead, n)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def linear(
@@ -159,11 +173,7 @@ def linear(
         return torch.ops.qatpass.w4a16_linear(
             x, qweight, scales, zeros, bias, cpu_packed, cpu_scales_zeros, group_size=group_size
         )
-    n, k, g = check_packed_args(x, qweight, scales, zeros, bias, group_size, experts=False)
-    y = torch.ops.qatpass.w4a16_linear_cpu(
-        x.reshape(-1, k), qweight, scales, zeros, bias, g, cpu_packed, cpu_scales_zeros
-    )
-    return y.reshape(*x.shape[:-1], n)
+    return _linear_on_cpu(x, qweight, scales, zeros, bias, cpu_packed, cpu_scales_zeros, group_size)
 
 
 def _grouped_cpu(

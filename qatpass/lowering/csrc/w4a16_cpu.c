@@ -25,6 +25,7 @@
 
 #define MT 8                // rows of x per pass over a weight row (accumulators in registers)
 #define NS 2                // weight rows streamed at once when M == 1 (from the two halves)
+_Static_assert(NS == 2, "the M = 1 path pairs row i with row i + n/2");
 #define RB 64               // weight rows per block of work (one OpenMP task)
 #define X_TILE_BYTES 32768  // x kept in L1/L2 while a block of weight rows streams past it
 #define PREFETCH_BYTES 2048 // weights requested this far ahead (the stream runs past rows)
@@ -176,7 +177,7 @@ static inline __attribute__((always_inline)) void bf16_body(
     const uint16_t* x, const uint8_t* qweight, const void* scales, const int8_t* zeros,
     const Decoder* d, const float* bias, void* y, int out_kind, int64_t m, int64_t n,
     int64_t groups, int nthreads, const int asym) {
-  const int64_t k = d->k, chunks = (k + 63) / 64, blocks = (n + RB - 1) / RB;
+  const int64_t k = d->k, chunks = (k + 63) / 64;
   if (m == 1 && X_TILE_BYTES / 128 >= chunks) {
     // decode: rows i and i + half together, so each thread reads two long sequential streams
     const int64_t half = (n + 1) / 2;
@@ -197,6 +198,7 @@ static inline __attribute__((always_inline)) void bf16_body(
     }
     return;
   }
+  const int64_t blocks = (n + RB - 1) / RB;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t r0 = b * RB, r1 = r0 + RB < n ? r0 + RB : n;
@@ -207,18 +209,16 @@ static inline __attribute__((always_inline)) void bf16_body(
       // prefetch along the row when it is read whole, else the same spot of the next row
       const int64_t pf = span >= chunks ? PREFETCH_BYTES : k / 2;
       float out[RB][MT] = {{0}};
-      {
-        for (int64_t c0 = 0; c0 < chunks; c0 += span) {
-          const int64_t c1 = c0 + span < chunks ? c0 + span : chunks;
-          for (int64_t row = r0; row < r1; ++row) {
-            const Row r = row_at(qweight, scales, zeros, row, k, groups, d->kind);
-            float* o = out[row - r0];
-            switch (mt) {
+      for (int64_t c0 = 0; c0 < chunks; c0 += span) {
+        const int64_t c1 = c0 + span < chunks ? c0 + span : chunks;
+        for (int64_t row = r0; row < r1; ++row) {
+          const Row r = row_at(qweight, scales, zeros, row, k, groups, d->kind);
+          float* o = out[row - r0];
+          switch (mt) {
 #define TILE(T) \
   case T: row_tile_bf16(xt, &r, d, chunks, c0, c1, pf, o, T, asym); break;
-              TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
+            TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
 #undef TILE
-            }
           }
         }
       }
