@@ -3,7 +3,7 @@
     python benchmarks/cuda_linear.py [--out results.json] [--group-size 128]
 
 For each weight shape (N, K) and batch M it times `F.linear` in bf16 (cuBLAS) and
-`qatpass.triton_kernels.w4a16_matmul` with `triton.testing.do_bench` (median, L2 flushed
+`qatpass.kernels.triton.w4a16_matmul` with `triton.testing.do_bench` (median, L2 flushed
 between runs), and reports speedup over bf16, achieved bandwidth (bytes of packed weight +
 scales + activations + output, over time) and its share of the device's peak HBM bandwidth.
 tinygemm (`aten._weight_int4pack_mm`) and GemLite (if importable) run on the same shapes; each
@@ -90,7 +90,7 @@ def run_cuda(
 ) -> list[dict]:
     """One row per (N, K, M); times in ms. Needs a CUDA device (and TRITON_INTERPRET unset)."""
     import qatpass
-    from qatpass.triton_kernels import w4a16_matmul
+    from qatpass.kernels.triton import w4a16_matmul
 
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)

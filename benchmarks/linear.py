@@ -135,8 +135,9 @@ def _shape_rows(
     variants: tuple[str, ...] = VARIANTS,
 ) -> list[dict]:
     import qatpass
+    from qatpass.kernels.cpu.int4pack import _REPACKS, dequant_linear
+    from qatpass.kernels.cpu.native import disabled
     from qatpass.lowering import W4A16Linear
-    from qatpass.lowering.cpu_kernel import disabled
 
     torch.manual_seed(0)
     linear = nn.Linear(k, n, bias=False).to(torch.bfloat16)
@@ -147,20 +148,20 @@ def _shape_rows(
     fast = W4A16Linear(packed)
     with disabled():
         aten = W4A16Linear(packed)
-    fallback = W4A16Linear(packed)
-    fallback.cpu_packed = fallback.cpu_scales_zeros = None  # where the aten repack was built
 
     def run_aten(x: torch.Tensor, module: W4A16Linear = aten) -> torch.Tensor:
         with disabled():
             return module(x)
 
-    def run_fallback(x: torch.Tensor) -> torch.Tensor:
-        with disabled():  # no repack and no native kernel: dequantize + F.linear
-            return fallback(x)
+    def run_fallback(x: torch.Tensor) -> torch.Tensor:  # no kernel: dequantize + F.linear
+        return dequant_linear(
+            x, packed.qweight, packed.scales, packed.zeros, None, group_size=group_size
+        )
 
     def resident(module: W4A16Linear) -> int:
-        cache = [t for t in (module.cpu_packed, module.cpu_scales_zeros) if t is not None]
-        return packed.nbytes() + sum(t.numel() * t.element_size() for t in cache)
+        cache = _REPACKS.get(module.qweight)
+        extra = () if cache is None else cache[1]
+        return packed.nbytes() + sum(t.numel() * t.element_size() for t in extra)
 
     bf16_bytes = w.numel() * 2
     llc = llc_bytes()
@@ -259,7 +260,7 @@ def run_cuda_rows() -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from qatpass.lowering.cpu_kernel import kernel_unavailable_reason
+    from qatpass.kernels.cpu.native import kernel_unavailable_reason
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="write the JSON here (else stdout)")

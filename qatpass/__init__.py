@@ -18,7 +18,7 @@ from qatpass.lowering import (
     packed_weights,
     refresh,
 )
-from qatpass.lowering.graph_lowering import refresh_compiled
+from qatpass.passes.lower_w4a16 import refresh_compiled
 from qatpass.report import GraphSummary, reset_summary, summary
 from qatpass.scheme import Int4Scheme, PackedWeight, dequantize, pack_int4, quantize, unpack_int4
 from qatpass.selection import select_weights

@@ -84,7 +84,7 @@ class QatBackend:
         if self.config.mode == "train":
             insert_fake_quant(gm, planned, self.config)
             return gm, summary
-        from qatpass.lowering.graph_lowering import lower_graph
+        from qatpass.passes.lower_w4a16 import lower_graph
 
         return lower_graph(gm, example_inputs, planned, self.config), summary
 
@@ -96,7 +96,7 @@ class QatBackend:
         self.summaries.append(summary)
         record(summary)
         if debug_dir:
-            from qatpass.graph_diff.debug_dump import dump_graph
+            from qatpass.debug_dump import dump_graph
 
             dump_graph(debug_dir, summary, before, gm.print_readable(print_output=False))
         return _compile(gm, example_inputs, self.config)

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ACTIVATION_DTYPES", "SCALE_DTYPES", "NIBBLES_PER_WORD", "check_packed_args"]
+__all__ = [
+    "ACTIVATION_DTYPES",
+    "SCALE_DTYPES",
+    "NIBBLES_PER_WORD",
+    "check_grouped_args",
+    "check_packed_args",
+]
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -77,4 +83,30 @@ def check_packed_args(
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    return n, k, g
+
+
+def check_grouped_args(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    expert_ids: torch.Tensor,
+    group_size: int,
+) -> tuple[int, int, int]:
+    """`check_packed_args` for the grouped (MoE) call, plus expert_ids [T] int32/int64 on x's
+    device (their values are range-checked by the kernels, which can do so without a sync)."""
+    n, k, g = check_packed_args(x, qweight, scales, zeros, bias, group_size, experts=True)
+    if not isinstance(expert_ids, torch.Tensor):
+        raise TypeError(f"expert_ids must be a torch.Tensor, got {type(expert_ids).__name__}")
+    if expert_ids.dtype not in (torch.int32, torch.int64) or expert_ids.dim() != 1:
+        raise TypeError(
+            f"expert_ids must be a 1-d int32/int64 tensor, got {expert_ids.dtype} "
+            f"{tuple(expert_ids.shape)}"
+        )
+    if expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"{expert_ids.shape[0]} expert ids for {x.shape[0]} rows of x")
+    if expert_ids.device != x.device:
+        raise ValueError(f"expert_ids is on {expert_ids.device} but x is on {x.device}")
     return n, k, g

@@ -37,14 +37,14 @@ def _seed_and_reset():
 @pytest.fixture
 def no_native_kernel():
     """Turn qatpass's native CPU kernel off: the aten int4 path / fallback are under test."""
-    from qatpass.lowering.cpu_kernel import disabled
+    from qatpass.kernels.cpu.native import disabled
 
     with disabled():
         yield
 
 
 def _native_unavailable() -> str | None:
-    from qatpass.lowering.cpu_kernel import kernel_unavailable_reason
+    from qatpass.kernels.cpu.native import kernel_unavailable_reason
 
     return kernel_unavailable_reason()
 

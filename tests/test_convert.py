@@ -11,6 +11,7 @@ from torch import nn
 
 import qatpass
 from qatpass.config import QatConfig
+from qatpass.kernels.cpu.native import disabled
 from qatpass.lowering import (
     W4A16Experts,
     W4A16Linear,
@@ -19,7 +20,6 @@ from qatpass.lowering import (
     packed_weights,
     refresh,
 )
-from qatpass.lowering.cpu_kernel import disabled
 from qatpass.scheme import Int4Scheme, dequantize, quantize
 from qatpass.selection import select_weights
 
@@ -134,7 +134,7 @@ def test_native_cpu_kernel_is_taken_without_a_repack():
         qmodel = convert(tiny_llama().to(dtype))
         q_proj = qmodel.model.layers[0].self_attn.q_proj
         assert q_proj.cpu_path == "native" and q_proj.cpu_fast_path_reason is None
-        assert q_proj.cpu_packed is None and q_proj.cpu_scales_zeros is None
+        assert set(q_proj.state_dict()) == {"qweight", "scales"}  # no repack held
 
 
 @pytest.mark.usefixtures("no_native_kernel")
@@ -142,10 +142,9 @@ def test_aten_int4_path_is_taken_for_bf16():
     qmodel = convert(tiny_llama().to(torch.bfloat16))
     q_proj = qmodel.model.layers[0].self_attn.q_proj
     assert q_proj.cpu_path == "int4pack" and q_proj.cpu_fast_path_reason is None
-    assert q_proj.cpu_packed is not None
-    assert "cpu_packed" not in qmodel.state_dict().keys().__repr__()  # a cache, never saved
+    assert set(q_proj.state_dict()) == {"qweight", "scales"}  # the repack is the kernel's cache
     fp32 = convert(tiny_llama()).model.layers[0].self_attn.q_proj
-    assert fp32.cpu_path == "dequant" and fp32.cpu_packed is None
+    assert fp32.cpu_path == "dequant"
     assert "activation dtype" in fp32.cpu_fast_path_reason
 
 

@@ -21,13 +21,13 @@ from torch import nn
 import qatpass
 from qatpass.cli import main as qatpass_main
 from qatpass.config import DEFAULT_EXCLUDE
+from qatpass.debug_dump import dump_graph
 from qatpass.graph_diff import DiffReport, diff, sqnr_db
 from qatpass.graph_diff.cli import main as diff_main
-from qatpass.graph_diff.debug_dump import dump_graph
 from qatpass.graph_diff.numbers import DEQUANT_PATH, KERNEL_PATH
 from qatpass.graph_diff.structure import diff_nodes, snapshot
-from qatpass.lowering.cpu_int4 import CPU_PATH_NAMES
-from qatpass.lowering.cpu_kernel import kernel_unavailable_reason
+from qatpass.kernels.cpu.int4pack import CPU_PATH_NAMES
+from qatpass.kernels.cpu.native import kernel_unavailable_reason
 from qatpass.report import GraphSummary, QuantizedParam
 
 transformers = pytest.importorskip("transformers")
@@ -160,7 +160,7 @@ def test_node_diff_ties_replacements_to_the_parameter():
 
 def test_inference_mode_ties_every_rewrite_to_its_parameter(tmp_path):
     pytest.importorskip(
-        "qatpass.lowering.graph_lowering", reason="the inference lowering is not in this tree yet"
+        "qatpass.passes.lower_w4a16", reason="the inference lowering is not in this tree yet"
     )
     report = diff(Small(), (torch.randn(3, 64),), mode="inference")
     assert report.quantized_names == ["fc.weight"]

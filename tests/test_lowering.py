@@ -10,9 +10,9 @@ from torch import nn
 
 import qatpass
 from qatpass.config import QatConfig
-from qatpass.lowering.cpu_int4 import cpu_pack_reason, pack_for_cpu
-from qatpass.lowering.graph_lowering import lowered_fqns, refresh_compiled
+from qatpass.kernels.cpu.int4pack import _REPACKS, cpu_pack_reason, dequant_linear
 from qatpass.lowering.modules import W4A16Linear
+from qatpass.passes.lower_w4a16 import lowered_fqns, refresh_compiled
 from qatpass.scheme import Int4Scheme, dequantize, quantize
 
 from conftest import ACCUM, EXACT
@@ -27,11 +27,6 @@ def _packed(n: int, k: int, scheme: Int4Scheme, dtype: torch.dtype, experts: int
     return quantize(torch.randn(shape).to(dtype), scheme)
 
 
-def _cache(p, dtype):
-    cp, sz = pack_for_cpu(p.qweight, p.scales, group_size=p.group_size, dtype=dtype)
-    return {"cpu_packed": cp, "cpu_scales_zeros": sz}
-
-
 def _exact_weight_ref(x, p, bias):
     """fp32 x @ (fp32 dequantized W).T rounded to x.dtype: what the aten int4 kernel computes."""
     y = x.float() @ dequantize(p, torch.float32).t()
@@ -43,12 +38,11 @@ def _exact_weight_ref(x, p, bias):
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("has_bias", [False, True])
-@pytest.mark.usefixtures("no_native_kernel")
 def test_fallback_equals_dequantize_then_linear(m, group_size, symmetric, dtype, has_bias):
     p = _packed(48, 256, Int4Scheme(group_size=group_size, symmetric=symmetric), dtype)
     x = torch.randn(m, 256).to(dtype)
     bias = torch.randn(48).to(dtype) if has_bias else None
-    y = w4a16_linear(x, p.qweight, p.scales, p.zeros, bias, group_size=group_size)
+    y = dequant_linear(x, p.qweight, p.scales, p.zeros, bias, group_size=group_size)
     ref = F.linear(x, dequantize(p, dtype), bias)
     assert y.dtype == dtype and y.shape == (m, 48)
     torch.testing.assert_close(y, ref, **EXACT)
@@ -65,7 +59,7 @@ def test_cpu_fast_path(m, group_size, dtype, has_bias):
     assert cpu_pack_reason(64, p.group_size, True, dtype, dtype) is None
     x = torch.randn(2, m, 512).to(dtype)  # leading dims are kept
     bias = torch.randn(64).to(dtype) if has_bias else None
-    y = w4a16_linear(x, p.qweight, p.scales, None, bias, **_cache(p, dtype), group_size=group_size)
+    y = w4a16_linear(x, p.qweight, p.scales, None, bias, group_size=group_size)
     assert y.shape == (2, m, 64) and y.dtype == dtype
     torch.testing.assert_close(y, _exact_weight_ref(x, p, bias), **ACCUM[dtype])
     # and the fake-quant forward up to the rounding of the weights (which the kernel skips) and
@@ -80,8 +74,25 @@ def test_cpu_fast_path_is_exact_at_small_m():
     """At M=1 the kernel's fp32 dot rounded once equals the fp32 reference rounded once."""
     p = _packed(64, 256, Int4Scheme(), torch.bfloat16)
     x = torch.randn(1, 256).bfloat16()
-    y = w4a16_linear(x, p.qweight, p.scales, **_cache(p, torch.bfloat16), group_size=32)
+    y = w4a16_linear(x, p.qweight, p.scales, group_size=32)
     torch.testing.assert_close(y, _exact_weight_ref(x, p, None), **EXACT)
+
+
+@pytest.mark.usefixtures("no_native_kernel")
+def test_cpu_repack_is_cached_and_follows_in_place_writes():
+    """The aten repack is built once per weight and rebuilt after an in-place write (refresh)."""
+    p = _packed(64, 256, Int4Scheme(), torch.bfloat16)
+    x = torch.randn(1, 256).bfloat16()
+    w4a16_linear(x, p.qweight, p.scales, group_size=32)
+    first = _REPACKS[p.qweight][1][0]
+    w4a16_linear(x, p.qweight, p.scales, group_size=32)
+    assert _REPACKS[p.qweight][1][0] is first
+    new = quantize(torch.randn(64, 256).bfloat16(), Int4Scheme())
+    p.qweight.copy_(new.qweight)
+    p.scales.copy_(new.scales)
+    y = w4a16_linear(x, p.qweight, p.scales, group_size=32)
+    assert _REPACKS[p.qweight][1][0] is not first
+    torch.testing.assert_close(y, _exact_weight_ref(x, new, None), **EXACT)
 
 
 @pytest.mark.parametrize(
@@ -99,22 +110,21 @@ def test_cpu_fast_path_refusals(n, group_size, symmetric, scale_dtype, dtype, wh
 
 
 @pytest.mark.usefixtures("no_native_kernel")
-def test_cache_of_another_dtype_falls_back():
+def test_fp32_activations_fall_back_without_the_native_kernel():
     p = _packed(64, 128, Int4Scheme(), torch.bfloat16)
-    x = torch.randn(3, 128)  # fp32 activations, bf16 repack: the fallback runs
-    y = w4a16_linear(x, p.qweight, p.scales, **_cache(p, torch.bfloat16), group_size=32)
+    x = torch.randn(3, 128)  # fp32 activations: aten's int4 GEMM does not apply
+    y = w4a16_linear(x, p.qweight, p.scales, group_size=32)
     torch.testing.assert_close(y, F.linear(x, dequantize(p, torch.float32)), **EXACT)
 
 
-@pytest.mark.parametrize(("fast", "symmetric"), [(False, True), (False, False), (True, True)])
+@pytest.mark.parametrize(("fast", "symmetric"), [(False, False), (True, True)])
 @pytest.mark.usefixtures("no_native_kernel")
 def test_grouped_op(fast, symmetric):
     p = _packed(32, 64, Int4Scheme(symmetric=symmetric), torch.bfloat16, experts=4)
     x = torch.randn(7, 64).bfloat16()
     ids = torch.tensor([3, 0, 3, 1, 3, 0, 1])  # unsorted, expert 2 unused
     bias = torch.randn(4, 32).bfloat16()
-    cache = _cache(p, torch.bfloat16) if fast else {}
-    y = w4a16_grouped(x, p.qweight, p.scales, ids, p.zeros, bias, **cache, group_size=32)
+    y = w4a16_grouped(x, p.qweight, p.scales, ids, p.zeros, bias, group_size=32)
     if fast:  # the kernel's weights are the fp32 dequant, not rounded to bf16
         w = dequantize(p, torch.float32)
         rows = [F.linear(x[t].float(), w[ids[t]], bias[ids[t]].float()) for t in range(7)]
@@ -150,20 +160,6 @@ def _bad_args():
         ({**ok, "zeros": torch.zeros(32, 2)}, TypeError, "zeros must be int8"),
         ({**ok, "bias": torch.zeros(31)}, ValueError, "bias must have shape"),
         ({**ok, "scales": p.scales.to("meta")}, ValueError, "scales is on meta"),
-        (
-            {**ok, "cpu_packed": torch.zeros(32, 8, dtype=torch.uint8), "cpu_scales_zeros": None},
-            None,
-            None,
-        ),
-        (
-            {
-                **ok,
-                "cpu_packed": torch.zeros(32, 8, dtype=torch.uint8),
-                "cpu_scales_zeros": torch.zeros(2, 32, 2),
-            },
-            ValueError,
-            "cpu_packed must be",
-        ),
     ]
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import qatpass
-from qatpass.triton_kernels import (
+from qatpass.kernels.triton import (
     GEMV_MAX_M,
     common,
     gemm,
@@ -25,7 +25,7 @@ from qatpass.triton_kernels import (
     w4a16_grouped_matmul,
     w4a16_matmul,
 )
-from qatpass.triton_kernels.splitk_reduce import splitk_reduce
+from qatpass.kernels.triton.splitk_reduce import splitk_reduce
 
 from conftest import ACCUM, EXACT
 
@@ -412,9 +412,9 @@ TRACE_SCRIPT = textwrap.dedent(
     """
     import torch, qatpass
     from torch.fx.experimental.proxy_tensor import make_fx
-    from qatpass.triton_kernels.gemm import w4a16_gemm
-    from qatpass.triton_kernels.gemv import w4a16_gemv
-    from qatpass.triton_kernels.grouped import w4a16_grouped
+    from qatpass.kernels.triton.gemm import w4a16_gemm
+    from qatpass.kernels.triton.gemv import w4a16_gemv
+    from qatpass.kernels.triton.grouped import w4a16_grouped
 
     p = qatpass.quantize(torch.randn(40, 128), qatpass.Int4Scheme())
     pe = qatpass.quantize(torch.randn(3, 40, 128), qatpass.Int4Scheme())
@@ -454,7 +454,7 @@ COMPILE_SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.autotuner import Autotuner
-    from qatpass.triton_kernels import gemm, gemv, grouped, splitk_reduce
+    from qatpass.kernels.triton import gemm, gemv, grouped, splitk_reduce
 
     POINTERS = {
         "x_ptr": "*bf16", "qweight_ptr": "*i32", "qbytes_ptr": "*u8", "scales_ptr": "*bf16",

@@ -5,7 +5,7 @@ layers lose the most accuracy.
     print(report.text()); report.to_html("diff.html"); report.to_json("diff.json")
 
 `qatpass diff MODEL_SPEC` is the command line (cli.py); `QATPASS_DEBUG_DIR=dir` makes the backend
-dump every graph before/after (debug_dump.py).
+dump every graph before/after (`qatpass.debug_dump`, beside the backend).
 """
 
 from qatpass.graph_diff.diff_model import diff

@@ -99,24 +99,22 @@ def real_linear(
     packed: PackedWeight, bias: torch.Tensor | None, like: torch.Tensor, path: str
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """The real W4A16 linear x -> y of one layer for inputs like `like`, prepared once as a
-    converted model would be (`plan_cpu`: native kernel, or the aten repack); and what runs."""
+    converted model would be (`kernels.cpu.cpu_path`); and what runs."""
     if path != KERNEL_PATH:
         return lambda x: F.linear(x, dequantize(packed, x.dtype), bias), DEQUANT_PATH
     g = packed.group_size
-    extra: dict[str, torch.Tensor] = {}
     if like.device.type == "cuda":
         how = "triton (CUDA)"
     else:
-        from qatpass.lowering.cpu_int4 import CPU_PATH_NAMES, plan_cpu
+        from qatpass.kernels.cpu import CPU_PATH_NAMES, cpu_path
 
-        cpu_path, reason, cache = plan_cpu(packed, packed.scheme.symmetric, like.dtype)
-        how = CPU_PATH_NAMES[cpu_path] + (f": {reason}" if reason else "")
-        if cache is not None:
-            extra = {"cpu_packed": cache[0], "cpu_scales_zeros": cache[1]}
+        n, k = packed.qweight.shape[-2], packed.qweight.shape[-1] * 8
+        path, reason = cpu_path(n, k, g, packed.zeros is None, packed.scales.dtype, like.dtype)
+        how = CPU_PATH_NAMES[path] + (f": {reason}" if reason else "")
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return torch.ops.qatpass.w4a16_linear(
-            x, packed.qweight, packed.scales, packed.zeros, bias, group_size=g, **extra
+            x, packed.qweight, packed.scales, packed.zeros, bias, group_size=g
         )
 
     return run, how

@@ -1,10 +1,10 @@
-"""Inference lowering: W4A16 ops, packed modules, `convert` / `refresh`, the graph lowering.
+"""Serving: the W4A16 ops, packed modules, `convert` / `refresh`.
 
-- `ops`: `qatpass::w4a16_linear`, `qatpass::w4a16_grouped_linear` (CUDA: Triton; CPU: aten int4)
-- `cpu_int4`: the CPU repack (aten `_weight_int4pack_mm_for_cpu`) and the dequant fallback
-- `modules`: `W4A16Linear`, `W4A16Experts`
+- `ops`: `qatpass::w4a16_linear`, `qatpass::w4a16_grouped_linear` on the canonical format
+  (CUDA: `qatpass.kernels.triton`; CPU: `qatpass.kernels.cpu`)
+- `modules`: `W4A16Linear` (nn.Linear, Conv1D), `W4A16Experts` (HF MoE experts)
 - `convert`: `convert`, `refresh`, `packed_weights`, `install_packed`
-- `graph_lowering`: `lower_graph` (the qat4 backend's inference mode), `refresh_compiled`
+The graph rewrite of the backend's inference mode is `qatpass.passes.lower_w4a16`.
 """
 
 from qatpass.lowering import ops as _ops  # noqa: F401  (registers torch.ops.qatpass.w4a16_*)

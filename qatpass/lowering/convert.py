@@ -217,7 +217,7 @@ def refresh(qmodel: nn.Module, model: nn.Module) -> nn.Module:
         if found:
             _sync_plain_tensors(qmodel, model)
     if not found:
-        from qatpass.lowering.graph_lowering import refresh_compiled
+        from qatpass.passes.lower_w4a16 import refresh_compiled
 
         if refresh_compiled(model) == 0:
             raise ValueError(

@@ -1,11 +1,11 @@
 """Packed inference modules: `W4A16Linear` (for nn.Linear) and `W4A16Experts` (HF MoE experts).
 
-Each holds the canonical packed buffers (qweight, scales, zeros; what exporters and
-`packed_weights` read, and what qatpass's native CPU kernel runs on) and, on CPU where only
-aten's int4 GEMM applies (`cpu_int4.plan_cpu`), a repack for it (non-persistent buffers
-`cpu_packed` / `cpu_scales_zeros`: a cache derived from the canonical ones, rebuilt by
-`repack_`, never saved). Forward calls the W4A16 ops; `repack_` re-quantizes
-new master weights into the same tensors, in place, so compiled graphs see them.
+Each holds the canonical packed buffers only (qweight, scales, zeros: what exporters and
+`packed_weights` read and every kernel runs on; a device repack is the kernels' own cache,
+see `qatpass.kernels.cpu`). Forward calls the W4A16 ops; `repack_` re-quantizes new master
+weights into the same tensors, in place, so compiled graphs see them. `weight` is a stand-in
+with the original shape, dtype and device (one element, expanded), for model code that reads
+`module.weight.dtype` (T5 and many HF models); its values are not the weight's.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qatpass.kernels.cpu import CPU_PATH_NAMES, cpu_path
 from qatpass.lowering import ops as _ops
-from qatpass.lowering.cpu_int4 import plan_cpu, repack_for_cpu_
 from qatpass.scheme import Int4Scheme, PackedWeight, quantize
 
 __all__ = ["PackedConstant", "PackedMixin", "W4A16Linear", "W4A16Experts"]
@@ -29,11 +29,14 @@ class PackedMixin:
         self.register_buffer(f"{prefix}qweight", p.qweight)
         self.register_buffer(f"{prefix}scales", p.scales)
         self.register_buffer(f"{prefix}zeros", p.zeros)
-        self.cpu_path, self.cpu_fast_path_reason, cache = plan_cpu(p, self.scheme.symmetric)
-        self.register_buffer(f"{prefix}cpu_packed", None if cache is None else cache[0], False)
-        self.register_buffer(
-            f"{prefix}cpu_scales_zeros", None if cache is None else cache[1], False
+        n, k = p.qweight.shape[-2], p.qweight.shape[-1] * 8
+        self.cpu_path, self.cpu_fast_path_reason = cpu_path(
+            n, k, p.group_size, p.zeros is None, p.scales.dtype, p.dtype
         )
+
+    @property
+    def cpu_path_name(self) -> str:
+        return CPU_PATH_NAMES[self.cpu_path]
 
     def _apply(self, fn, recurse=True):
         """.to(dtype) / .half() / .float() must not re-round the scales: they keep their dtype.
@@ -44,8 +47,12 @@ class PackedMixin:
         keep = {
             name: b
             for name, b in self._buffers.items()
-            if b is not None and name.endswith(("scales", "scales_zeros"))
+            if b is not None and name.endswith("scales")
         }
+        # the activation dtype the module now expects (what `weight.dtype` reports)
+        probe = fn(torch.empty(0, dtype=self.orig_dtype))
+        if probe.dtype.is_floating_point:
+            self.orig_dtype = probe.dtype
         out = super()._apply(fn, recurse)
         for name, old in keep.items():
             new = self._buffers[name]
@@ -64,15 +71,6 @@ class PackedMixin:
             self.scheme,
         )
 
-    def _cache(self, prefix: str) -> dict[str, torch.Tensor | None]:
-        """The CPU repack to pass to the op; none while exporting (exports read canonical ones)."""
-        if torch.compiler.is_exporting():
-            return {}
-        return {
-            "cpu_packed": getattr(self, f"{prefix}cpu_packed"),
-            "cpu_scales_zeros": getattr(self, f"{prefix}cpu_scales_zeros"),
-        }
-
     @torch.no_grad()
     def _repack(self, prefix: str, weight: torch.Tensor, shape: torch.Size, dim: int) -> None:
         if tuple(weight.shape) != tuple(shape):
@@ -85,28 +83,27 @@ class PackedMixin:
         getattr(self, f"{prefix}scales").copy_(p.scales)
         if p.zeros is not None:
             getattr(self, f"{prefix}zeros").copy_(p.zeros)
-        cpu_packed = getattr(self, f"{prefix}cpu_packed")
-        if cpu_packed is not None:
-            repack_for_cpu_(
-                cpu_packed,
-                getattr(self, f"{prefix}cpu_scales_zeros"),
-                p.qweight,
-                p.scales,
-                group_size=p.group_size,
-            )
 
 
 class W4A16Linear(PackedMixin, nn.Module):
-    """nn.Linear with INT4 packed weights and 16-bit (or fp32) activations."""
+    """nn.Linear (or HF's Conv1D) with INT4 packed weights and 16-bit (or fp32) activations.
+
+    y = x @ W.T + bias with W [N, K] packed. An nn.Linear weight is [N, K] reduced along dim 1;
+    a Conv1D weight is [K, N] reduced along dim 0: both pack to the same [N, K/8] buffers and
+    `packed()` reports the original shape and dim.
+    """
 
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        if packed.qweight.dim() != 2 or packed.dim != 1:
+        if packed.qweight.dim() != 2 or len(packed.shape) != 2:
             raise ValueError(
-                f"W4A16Linear needs a packed [N, K] weight reduced along dim 1, got qweight "
-                f"{tuple(packed.qweight.shape)} dim {packed.dim}"
+                f"W4A16Linear needs a packed 2-d weight, got qweight "
+                f"{tuple(packed.qweight.shape)} for a weight of shape {tuple(packed.shape)}"
             )
-        self.out_features, self.in_features = int(packed.shape[0]), int(packed.shape[1])
+        self.weight_shape = torch.Size(packed.shape)
+        self.weight_dim = packed.dim
+        self.in_features = int(packed.shape[packed.dim])
+        self.out_features = int(packed.shape[1 - packed.dim])
         self.scheme = packed.scheme
         self.group_size = packed.group_size
         self.orig_dtype = packed.dtype
@@ -124,16 +121,21 @@ class W4A16Linear(PackedMixin, nn.Module):
             self.scales,
             self.zeros,
             self.bias,
-            **self._cache(""),
             group_size=self.group_size,
         )
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """A stand-in with the original weight's shape, dtype and device (not its values)."""
+        device = self.qweight.device
+        return torch.zeros((), dtype=self.orig_dtype, device=device).expand(self.weight_shape)
+
     def packed(self) -> PackedWeight:
-        return self._packed("", torch.Size((self.out_features, self.in_features)), 1)
+        return self._packed("", self.weight_shape, self.weight_dim)
 
     def repack_(self, weight: torch.Tensor) -> None:
-        """Re-quantize from new master weights [N, K], in place."""
-        self._repack("", weight, torch.Size((self.out_features, self.in_features)), 1)
+        """Re-quantize from new master weights (the original shape), in place."""
+        self._repack("", weight, self.weight_shape, self.weight_dim)
 
     def extra_repr(self) -> str:
         return (
@@ -210,7 +212,6 @@ class W4A16Experts(PackedMixin, nn.Module):
             expert_ids,
             getattr(self, f"{attr}_zeros"),
             bias,
-            **self._cache(f"{attr}_"),
             group_size=self.group_sizes[attr],
         )
 

@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import torch
 
-from qatpass.triton_kernels.common import check_device, check_packed
-from qatpass.triton_kernels.gemm import w4a16_gemm
-from qatpass.triton_kernels.gemv import w4a16_gemv
-from qatpass.triton_kernels.grouped import w4a16_grouped
+from qatpass.kernels.triton.common import check_device, check_packed
+from qatpass.kernels.triton.gemm import w4a16_gemm
+from qatpass.kernels.triton.gemv import w4a16_gemv
+from qatpass.kernels.triton.grouped import w4a16_grouped
 
 __all__ = ["GEMV_MAX_M", "w4a16_grouped_matmul", "w4a16_matmul"]
 

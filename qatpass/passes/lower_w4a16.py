@@ -32,7 +32,6 @@ from torch import nn
 
 from qatpass.config import QatConfig
 from qatpass.lowering import ops as _ops  # noqa: F401  (registers the ops)
-from qatpass.lowering.cpu_int4 import repack_for_cpu_
 from qatpass.lowering.modules import PackedConstant
 from qatpass.passes.insert_fake_quant import PlannedWeight, insert_fake_quant
 from qatpass.passes.weight_uses import op_name
@@ -72,14 +71,6 @@ class _LoweredWeight:
         live["scales"].copy_(p.scales)
         if "zeros" in live:
             live["zeros"].copy_(p.zeros)
-        if "cpu_packed" in live:
-            repack_for_cpu_(
-                live["cpu_packed"],
-                live["cpu_scales_zeros"],
-                p.qweight,
-                p.scales,
-                group_size=p.group_size,
-            )
 
 
 # Every weight a live lowered graph holds, weakly (see _LoweredWeight).
@@ -128,7 +119,7 @@ class _Lowering:
         self.root.add_module(name, holder)
         tensors = {
             k: weakref.ref(t)
-            for k in ("qweight", "scales", "zeros", "cpu_packed", "cpu_scales_zeros")
+            for k in ("qweight", "scales", "zeros")
             if (t := getattr(holder, k)) is not None
         }
         _LOWERED.append(_LoweredWeight(p.fqn, weakref.ref(value), tensors, packed.scheme, p.dim))
@@ -137,7 +128,7 @@ class _Lowering:
     def attrs(self, name: str, holder: PackedConstant) -> dict[str, Any]:
         """get_attr nodes for the op's tensor arguments (None stays None)."""
         out: dict[str, Any] = {}
-        for key in ("qweight", "scales", "zeros", "cpu_packed", "cpu_scales_zeros"):
+        for key in ("qweight", "scales", "zeros"):
             if getattr(holder, key) is None:
                 out[key] = None
             else:
@@ -163,8 +154,6 @@ class _Lowering:
                     a["scales"],
                     a["zeros"],
                     bias,
-                    a["cpu_packed"],
-                    a["cpu_scales_zeros"],
                 ),
                 {"group_size": holder.group_size},
                 _val(node),
@@ -183,8 +172,6 @@ class _Lowering:
                 ids,
                 a["zeros"],
                 None,
-                a["cpu_packed"],
-                a["cpu_scales_zeros"],
             ),
             {"group_size": holder.group_size},
         )

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from qatpass.triton_kernels.common import (
+from qatpass.kernels.triton.common import (
     cast_rne,
     choose_split_k,
     even_k,
@@ -27,7 +27,7 @@ from qatpass.triton_kernels.common import (
     size_hint,
     use_fp32_dot,
 )
-from qatpass.triton_kernels.splitk_reduce import splitk_reduce
+from qatpass.kernels.triton.splitk_reduce import splitk_reduce
 
 NOMINAL_BLOCK_M = 64
 NOMINAL_BLOCK_N = 64

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from qatpass.triton_kernels.common import (
+from qatpass.kernels.triton.common import (
     cast_rne,
     choose_split_k,
     even_k,
@@ -27,7 +27,7 @@ from qatpass.triton_kernels.common import (
     num_sms,
     size_hint,
 )
-from qatpass.triton_kernels.splitk_reduce import splitk_reduce
+from qatpass.kernels.triton.splitk_reduce import splitk_reduce
 
 # BLOCK_N used to judge whether the output alone fills the GPU (split-K decision).
 NOMINAL_BLOCK_N = 16

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from qatpass.triton_kernels.common import (
+from qatpass.kernels.triton.common import (
     cast_rne,
     even_k,
     fitting_configs,

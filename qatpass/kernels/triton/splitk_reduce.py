@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from qatpass.triton_kernels.common import cast_rne, interpreting
+from qatpass.kernels.triton.common import cast_rne, interpreting
 
 REDUCE_BLOCK = 1024
 

@@ -1,9 +1,9 @@
-"""CPU W4A16: which path a packed weight takes, aten's int4 GEMM (repack), the fallback.
+"""CPU W4A16 beside the native kernel: aten's int4 GEMM on a cached repack, and the fallback.
 
-`plan_cpu` picks, once per packed weight (at convert / compile time), one of:
-- "native": qatpass's own kernel (`cpu_kernel`) on the canonical buffers, no repack; first
+The paths (`kernels.cpu.cpu_path` picks one from shapes and dtypes):
+- "native": qatpass's own kernel (`native.py`) on the canonical buffers, no repack; first
   choice wherever it applies (bf16/fp32 activations, AVX-512 BF16 CPU, symmetric or not);
-- "int4pack": aten's int4 GEMM on a one-time repack (below), e.g. fp16 activations;
+- "int4pack": aten's int4 GEMM on a repack (below, `cached_repack`), e.g. fp16 activations;
 - "dequant": the scheme's dequantize, then F.linear, per call.
 
 aten path: `aten._weight_int4pack_mm_for_cpu(x, w, kernel_group, scales_and_zeros)` computes
@@ -12,7 +12,7 @@ Our nibble is code + 8, so with zero = 0 its weights are exactly the scheme's fp
 code * scale (not rounded to the activation dtype: the result differs from
 `F.linear(x, dequantize(p, x.dtype))` only by that rounding and the summation order).
 
-The repack (`pack_for_cpu`) runs once, at convert / compile time, and needs (checked here):
+The repack (`pack_for_cpu`) runs once per weight and version (`cached_repack`), and needs (checked here):
 - activations bf16 or fp16, and scales of the same dtype (scales_and_zeros must match x's
   dtype; storing scales in another 16-bit dtype could round them). fp32 activations run the
   kernel's scalar path (~4x slower than bf16 F.linear at M=1 here, 100x at M=64): fallback;
@@ -30,21 +30,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
-from qatpass.lowering.cpu_kernel import native_reason
 from qatpass.scheme import CODE_OFFSET, Int4Scheme, PackedWeight, dequantize, unpack_int4
 
 __all__ = [
     "CPU_PATH_NAMES",
-    "plan_cpu",
+    "cached_repack",
     "KERNEL_GROUP_SIZES",
     "CPU_ACTIVATION_DTYPES",
     "cpu_pack_reason",
     "kernel_group_size",
     "pack_for_cpu",
-    "repack_for_cpu_",
     "int4pack_linear",
     "dequant_linear",
+    "dequant_weight",
 ]
 
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
@@ -95,27 +95,6 @@ CPU_PATH_NAMES = {
 }
 
 
-def plan_cpu(
-    p: PackedWeight, symmetric: bool, dtype: torch.dtype | None = None
-) -> tuple[str, str | None, tuple[torch.Tensor, torch.Tensor] | None]:
-    """(path, why no fast path or None, aten repack or None) for a packed weight on its device.
-
-    `dtype` is the activation dtype (default: the weight's original dtype, p.dtype).
-    """
-    dtype = dtype or p.dtype
-    n, k = p.qweight.shape[-2], p.qweight.shape[-1] * 8
-    native = native_reason(dtype, p.scales.dtype, k, p.group_size)
-    if native is None:
-        return "native", None, None
-    aten = cpu_pack_reason(n, p.group_size, symmetric, p.scales.dtype, dtype)
-    if aten is None:
-        cache = None
-        if p.qweight.device.type == "cpu":
-            cache = pack_for_cpu(p.qweight, p.scales, group_size=p.group_size, dtype=dtype)
-        return "int4pack", None, cache
-    return "dequant", f"native kernel: {native}; aten int4: {aten}", None
-
-
 def _nibbles(qweight: torch.Tensor) -> torch.Tensor:
     return unpack_int4(qweight).to(torch.int32) + CODE_OFFSET  # [..., N, K] in 0..15
 
@@ -137,18 +116,34 @@ def pack_for_cpu(
     return packed, _scales_and_zeros(scales.detach().cpu(), group_size, dtype)
 
 
-def repack_for_cpu_(
-    cpu_packed: torch.Tensor,
-    cpu_scales_zeros: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    *,
-    group_size: int,
-) -> None:
-    """Refresh an existing repack in place (same tensors, so compiled graphs see the new values)."""
-    packed, sz = pack_for_cpu(qweight, scales, group_size=group_size, dtype=cpu_scales_zeros.dtype)
-    cpu_packed.copy_(packed)
-    cpu_scales_zeros.copy_(sz)
+_REPACKS = WeakIdKeyDictionary()
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version counter: cannot see a refresh
+        return None
+
+
+def cached_repack(
+    qweight: torch.Tensor, scales: torch.Tensor, *, group_size: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The aten repack of (qweight, scales) for `dtype`, built once and cached beside qweight.
+
+    Rebuilt when either tensor was written in place since (their version counters moved), so
+    `refresh` needs to know nothing about it. None for tensors that keep no version counter
+    (created under inference_mode): the caller takes the exact fallback.
+    """
+    versions = (_version(qweight), _version(scales))
+    if None in versions or type(qweight) is not torch.Tensor:
+        return None
+    entry = _REPACKS.get(qweight)
+    key = (versions, id(scales), dtype, group_size)
+    if entry is None or entry[0] != key:
+        entry = (key, pack_for_cpu(qweight, scales, group_size=group_size, dtype=dtype))
+        _REPACKS[qweight] = entry
+    return entry[1]
 
 
 def int4pack_linear(
@@ -166,6 +161,24 @@ def int4pack_linear(
     return y if bias is None else y + bias.to(y.dtype)
 
 
+def dequant_weight(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    *,
+    group_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The [N, K] weight canonical buffers stand for, in `dtype` (the scheme's dequantize)."""
+    n, k = qweight.shape[-2], qweight.shape[-1] * 8
+    # dequantize reads only the group size from the scheme (codes, scales, zeros are given)
+    # (one group spanning all of K is the scheme's per-channel -1, whatever K is)
+    per_channel = group_size in (-1, k)
+    scheme = Int4Scheme(group_size=-1 if per_channel else group_size, symmetric=zeros is None)
+    packed = PackedWeight(qweight, scales, zeros, torch.Size((n, k)), 1, dtype, scheme)
+    return dequantize(packed, dtype)
+
+
 def dequant_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -176,11 +189,5 @@ def dequant_linear(
     group_size: int,
 ) -> torch.Tensor:
     """The fallback: the scheme's dequantize to x's dtype, then F.linear (per call)."""
-    n, k = qweight.shape[-2], qweight.shape[-1] * 8
-    # dequantize reads only the group size from the scheme (codes, scales, zeros are given)
-    # (one group spanning all of K is the scheme's per-channel -1, whatever K is)
-    per_channel = group_size in (-1, k)
-    scheme = Int4Scheme(group_size=-1 if per_channel else group_size, symmetric=zeros is None)
-    packed = PackedWeight(qweight, scales, zeros, torch.Size((n, k)), 1, x.dtype, scheme)
-    w = dequantize(packed, x.dtype)
+    w = dequant_weight(qweight, scales, zeros, group_size=group_size, dtype=x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))

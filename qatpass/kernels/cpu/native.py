@@ -143,7 +143,7 @@ def library() -> ctypes.CDLL | None:
 def kernel_unavailable_reason() -> str | None:
     """Why the native kernel cannot run here (machine, build, `disabled()`), or None."""
     if _disabled_depth:
-        return "disabled by qatpass.lowering.cpu_kernel.disabled()"
+        return "disabled by qatpass.kernels.cpu.native.disabled()"
     return _load()[1]
 
 
