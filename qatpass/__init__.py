@@ -19,6 +19,7 @@ from qatpass.lowering import (
     refresh,
 )
 from qatpass.passes.lower_w4a16 import refresh_compiled
+from qatpass.passes.plan import QuantPlan, plan_for
 from qatpass.report import GraphSummary, reset_summary, summary
 from qatpass.scheme import Int4Scheme, PackedWeight, dequantize, pack_int4, quantize, unpack_int4
 from qatpass.selection import select_weights
@@ -33,6 +34,7 @@ __all__ = [
     "PackedWeight",
     "QatBackend",
     "QatConfig",
+    "QuantPlan",
     "W4A16Experts",
     "W4A16Linear",
     "backend",
@@ -42,6 +44,7 @@ __all__ = [
     "fake_quantize",
     "install_packed",
     "pack_int4",
+    "plan_for",
     "packed_weights",
     "qat4",
     "quantize",

@@ -12,6 +12,8 @@ import logging
 import threading
 from dataclasses import asdict, dataclass, field
 
+from qatpass.passes.plan import PlannedWeight, QuantPlan, SkippedWeight
+
 __all__ = ["QuantizedParam", "SkippedParam", "GraphSummary", "summary", "reset_summary"]
 
 log = logging.getLogger("qatpass")
@@ -21,36 +23,38 @@ _lock = threading.Lock()
 _graph_ids = itertools.count()
 
 
-@dataclass
-class QuantizedParam:
-    fqn: str
-    shape: tuple[int, ...]
-    dim: int  # reduction dim, in the parameter's own coordinates
-    group_size: int
-    ops: list[str]  # the matmul-like ops it feeds
-
-
-@dataclass
-class SkippedParam:
-    fqn: str
-    shape: tuple[int, ...]
-    reason: str
-    matmul_weight: bool  # True when it feeds a matmul weight operand but was left alone
+# a graph's quantized and skipped entries are the plan's own records
+QuantizedParam = PlannedWeight
+SkippedParam = SkippedWeight
 
 
 @dataclass
 class GraphSummary:
+    """One graph's part of the plan: what the pass quantized in it and what it left alone."""
+
     graph_id: int
     mode: str
-    quantized: list[QuantizedParam] = field(default_factory=list)
-    skipped: list[SkippedParam] = field(default_factory=list)
+    plan: QuantPlan = field(default_factory=QuantPlan)
+
+    @property
+    def quantized(self) -> list[PlannedWeight]:
+        return list(self.plan.weights.values())
+
+    @property
+    def skipped(self) -> list[SkippedWeight]:
+        return list(self.plan.skipped.values())
 
     @property
     def quantized_names(self) -> list[str]:
         return [q.fqn for q in self.quantized]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {
+            "graph_id": self.graph_id,
+            "mode": self.mode,
+            "quantized": [asdict(q) for q in self.quantized],
+            "skipped": [asdict(s) for s in self.skipped],
+        }
 
     def log(self) -> None:
         log.info(

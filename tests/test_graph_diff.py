@@ -22,6 +22,7 @@ import qatpass
 from qatpass.cli import main as qatpass_main
 from qatpass.config import DEFAULT_EXCLUDE
 from qatpass.debug_dump import dump_graph
+from qatpass.passes.plan import QuantPlan
 from qatpass.graph_diff import DiffReport, diff, sqnr_db
 from qatpass.graph_diff.cli import main as diff_main
 from qatpass.graph_diff.numbers import DEQUANT_PATH, KERNEL_PATH
@@ -113,7 +114,7 @@ def test_excluded_and_non_matmul_params_are_skipped_with_reasons(llama_case):
     for i in range(2):
         s = skipped[f"model.layers.{i}.self_attn.o_proj.weight"]
         assert s.matmul_weight and s.reason == "excluded by filter 'o_proj'"
-    assert skipped["lm_head.weight"].reason.startswith("excluded by filter")
+    assert skipped["lm_head.weight"].reason.startswith("the output head")
     assert skipped["model.embed_tokens.weight"].reason == "not a matmul weight (used by embedding)"
     assert not skipped["model.norm.weight"].matmul_weight
     text = report.text()
@@ -220,7 +221,7 @@ def test_moe_experts_get_weight_numbers(moe_report):
         assert row.calls == 1 and 10.0 < row.output_sqnr_fake_db < 35.0
         assert row.output_sqnr_real_db is None
     skipped = {s.fqn: s.reason for s in report.skipped()}
-    assert skipped["model.layers.0.mlp.gate.weight"].startswith("excluded by filter")
+    assert skipped["model.layers.0.mlp.gate.weight"].startswith("a MoE router")
 
 
 def test_moe_eager_experts_are_reported_as_not_captured():
@@ -561,9 +562,8 @@ def test_debug_dir_io_error_warns_and_training_goes_on(tmp_path, monkeypatch, ca
 
 
 def test_dump_graph_direct(tmp_path):
-    s = GraphSummary(
-        graph_id=7, mode="train", quantized=[QuantizedParam("w", (8, 32), 1, 32, ["linear"])]
-    )
+    plan = QuantPlan(weights={"w": QuantizedParam("w", (8, 32), 1, 32, ("linear",))})
+    s = GraphSummary(graph_id=7, mode="train", plan=plan)
     out = dump_graph(tmp_path / "d", s, "a = 1\nb = 2\n", "a = 1\nc = 3\nb = 2\n")
     assert out == tmp_path / "d"
     assert sorted(p.name for p in out.iterdir()) == [

@@ -9,6 +9,7 @@ from torch import nn
 
 import qatpass
 from qatpass.config import QatConfig
+from qatpass.lowering.convert import module_plan
 from qatpass.selection import select_weights
 
 
@@ -25,7 +26,7 @@ def test_eager_selection_matches_the_graph_pass(make, expected):
     assert set(b.quantized_names) == {s.fqn for s in selected}
     dims = {q.fqn: q.dim for g in b.summaries for q in g.quantized}
     assert all(dims[s.fqn] == s.dim for s in selected)
-    assert any(s.fqn == "lm_head.weight" and "excluded" in s.reason for s in skipped)
+    assert any(s.fqn == "lm_head.weight" and "output head" in s.reason for s in skipped)
 
 
 def test_selection_kinds_filters_and_reasons():
@@ -42,6 +43,12 @@ def test_selection_kinds_filters_and_reasons():
 def test_tied_linears_are_selected_once():
     a, b = nn.Linear(32, 32), nn.Linear(32, 32)
     b.weight = a.weight
-    selected, skipped = select_weights(nn.Sequential(a, b))
-    assert [s.fqn for s in selected] == ["0.weight"]
-    assert "tied" in skipped[0].reason
+    model = nn.Sequential(a, b)
+    selected, skipped = select_weights(model)
+    assert [s.fqn for s in selected] == ["0.weight", "1.weight"]  # one tensor, two servers
+    plan, _ = module_plan(model)
+    assert plan.quantized_names == ["0.weight"] and plan.weights["0.weight"].aliases == (
+        "1.weight",
+    )
+    qmodel = qatpass.convert(model)
+    assert qmodel[0].qweight is qmodel[1].qweight  # quantized once, served by both

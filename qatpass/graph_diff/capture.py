@@ -10,21 +10,19 @@ the model itself is not modified.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import nn
-from torch._dynamo.exc import BackendCompilerFailed
 
 from qatpass.backend import QatBackend
 from qatpass.config import QatConfig
 from qatpass.graph_diff.structure import NodeSnapshot, snapshot
 from qatpass.passes.weight_uses import param_fqn
 from qatpass.report import GraphSummary
+from qatpass.tracing import call_model, run_with_backend
 
 __all__ = ["CapturedGraph", "GraphBreak", "Capture", "capture_graphs", "call_model"]
 
@@ -57,20 +55,6 @@ class Capture:
     @property
     def break_count(self) -> int:
         return sum(b.count for b in self.breaks)
-
-
-def call_model(model: nn.Module, example_inputs: Any) -> Any:
-    """model(*inputs) for a tuple/list, model(**inputs) for a dict, model(inputs) for a tensor."""
-    if isinstance(example_inputs, Mapping):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    if isinstance(example_inputs, torch.Tensor):
-        return model(example_inputs)
-    raise TypeError(
-        "example_inputs must be a tensor, a tuple/list of positional arguments or a dict of "
-        f"keyword arguments, got {type(example_inputs).__name__}"
-    )
 
 
 def _placeholder_params(
@@ -112,12 +96,6 @@ class _Recorder:
         return gm.forward
 
 
-def _break_counts() -> Counter:
-    from torch._dynamo.utils import counters
-
-    return Counter(counters["graph_break"])
-
-
 def capture_graphs(model: nn.Module, example_inputs: Any, config: QatConfig) -> Capture:
     """Every graph Dynamo captures from one call of model on example_inputs, with the pass applied."""
     if not isinstance(model, nn.Module):
@@ -126,20 +104,7 @@ def capture_graphs(model: nn.Module, example_inputs: Any, config: QatConfig) -> 
     for fqn, p in model.named_parameters(remove_duplicate=True):
         names.setdefault(id(p), fqn)
     recorder = _Recorder(config, names)
-    torch._dynamo.reset()
-    start = _break_counts()
-    try:
-        with torch.no_grad():
-            call_model(torch.compile(model, backend=recorder), example_inputs)
-        breaks = _break_counts() - start
-    except BackendCompilerFailed as e:
-        # the pass refused the graph (e.g. NaN weights): raise its own error, not Dynamo's wrapper
-        inner = getattr(e, "inner_exception", None)
-        if isinstance(inner, (ValueError, TypeError)):
-            raise inner from e
-        raise
-    finally:
-        torch._dynamo.reset()
+    breaks = run_with_backend(model, example_inputs, recorder)
     return Capture(
         graphs=recorder.graphs,
         breaks=[

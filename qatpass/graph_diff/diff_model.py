@@ -20,7 +20,7 @@ from qatpass.graph_diff.capture import CapturedGraph, capture_graphs
 from qatpass.graph_diff.numbers import layer_numbers
 from qatpass.graph_diff.report import DiffReport, GraphDiff
 from qatpass.graph_diff.structure import diff_nodes
-from qatpass.selection import select_weights
+from qatpass.lowering.convert import module_plan
 
 __all__ = ["diff"]
 
@@ -63,7 +63,7 @@ def diff(
     quantized = [q for g in graphs for q in g.quantized]
     layers, real_path = layer_numbers(model, quantized, config.scheme, example_inputs)
     in_graphs = {p.fqn for g in graphs for p in [*g.quantized, *g.skipped]}
-    selected, _ = select_weights(model, config)
+    eager_plan, _ = module_plan(model, config)
     return DiffReport(
         config={
             "scheme": config.scheme.to_dict(),
@@ -75,5 +75,5 @@ def diff(
         graph_breaks=capture.breaks,
         layers=layers,
         real_path=real_path,
-        not_captured=[s.fqn for s in selected if s.fqn not in in_graphs],
+        not_captured=[f for f in eager_plan.quantized_names if f not in in_graphs],
     )

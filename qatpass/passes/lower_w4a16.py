@@ -33,7 +33,8 @@ from torch import nn
 from qatpass.config import QatConfig
 from qatpass.lowering import ops as _ops  # noqa: F401  (registers the ops)
 from qatpass.lowering.modules import PackedConstant
-from qatpass.passes.insert_fake_quant import PlannedWeight, insert_fake_quant
+from qatpass.passes.insert_fake_quant import _EMBEDDING_OPS, insert_fake_quant
+from qatpass.passes.plan import GraphWeight
 from qatpass.passes.weight_uses import op_name
 from qatpass.scheme import Int4Scheme, quantize
 
@@ -112,7 +113,7 @@ class _Lowering:
         self.root = nn.Module()
         self.count = 0
 
-    def constant(self, p: PlannedWeight, value: torch.Tensor) -> tuple[str, PackedConstant]:
+    def constant(self, p: GraphWeight, value: torch.Tensor) -> tuple[str, PackedConstant]:
         packed = quantize(value.detach(), self.config.scheme, dim=p.dim)
         holder = PackedConstant(packed)
         name = "qatpass_" + re.sub(r"\W", "_", p.fqn)
@@ -161,6 +162,22 @@ class _Lowering:
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
 
+    def addmm(self, node: fx.Node, name: str, holder: PackedConstant) -> None:
+        """addmm(bias, x, w) with w [K, N] reduced along dim 0: x @ W.T + bias, W = w.T."""
+        bias, x = node.args[0], node.args[1]
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return
+        with self.graph.inserting_before(node):
+            a = self.attrs(name, holder)
+            new = self.call(
+                torch.ops.qatpass.w4a16_linear.default,
+                (x, a["qweight"], a["scales"], a["zeros"], bias),
+                {"group_size": holder.group_size},
+                _val(node),
+            )
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+
     def grouped(self, x: Any, ids: Any, name: str, holder: PackedConstant) -> fx.Node:
         a = self.attrs(name, holder)
         return self.call(
@@ -176,7 +193,7 @@ class _Lowering:
             {"group_size": holder.group_size},
         )
 
-    def bmm(self, node: fx.Node, ph: fx.Node, p: PlannedWeight, name: str, holder) -> bool:
+    def bmm(self, node: fx.Node, ph: fx.Node, p: GraphWeight, name: str, holder) -> bool:
         """bmm(w[ids], x.unsqueeze(-1)) (w [E, N, K]) or bmm(x.unsqueeze(1), w[ids]) ([E, K, N])."""
         lhs, rhs = node.args[0], node.args[1]
         for sel, other, squeeze, want_dim in ((lhs, rhs, -1, 2), (rhs, lhs, 1, 1)):
@@ -199,7 +216,7 @@ class _Lowering:
             return True
         return False
 
-    def grouped_mm(self, node: fx.Node, ph: fx.Node, p: PlannedWeight, name: str, holder) -> bool:
+    def grouped_mm(self, node: fx.Node, ph: fx.Node, p: GraphWeight, name: str, holder) -> bool:
         """grouped_mm(x, w.transpose(-2, -1) or w, offs): rows sorted by expert, offsets given."""
         x, w, offs = node.args[0], node.args[1], _arg(node, 2, "offs")
         if node.kwargs.get("bias") is not None or node.kwargs.get("out_dtype") is not None:
@@ -229,13 +246,13 @@ class _Lowering:
 def lower_graph(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
-    planned: Sequence[PlannedWeight],
+    planned: Sequence[GraphWeight],
     config: QatConfig,
 ) -> fx.GraphModule:
     """A new GraphModule computing gm with the planned weights' matmuls on packed constants."""
     lowering = _Lowering(gm, config)
     examples = list(example_inputs)
-    leftovers: list[PlannedWeight] = []
+    leftovers: list[GraphWeight] = []
     for p in planned:
         ph = p.info.placeholder
         value = examples[p.info.index] if p.info.index < len(examples) else None
@@ -248,6 +265,8 @@ def lower_graph(
             kind = op_name(user) if user.op in ("call_function", "call_method") else None
             if kind == "linear" and _arg(user, 1, "weight") is ph and p.dim == 1:
                 lowering.linear(user, name, holder)
+            elif kind == "addmm" and len(user.args) == 3 and user.args[2] is ph and p.dim == 0:
+                lowering.addmm(user, name, holder)  # HF Conv1D: addmm(bias, x, w [K, N])
             elif kind == "getitem":
                 for mm in list(user.users):
                     if op_name(mm) == "bmm":
@@ -262,7 +281,7 @@ def lower_graph(
                     lowering.graph.erase_node(user)
             elif kind in _GROUPED_MM:
                 lowering.grouped_mm(user, ph, p, name, holder)
-        if ph.users:
+        if any(op_name(u) not in _EMBEDDING_OPS for u in ph.users):
             log.info(
                 "qat4 inference: %s still has uses %s; they get fake quant",
                 p.fqn,

@@ -4,7 +4,13 @@ Works on Dynamo FX graphs (torch-level ops, parameters lifted to placeholders). 
 matmul-like node (linear, matmul/@, mm, addmm, bmm, baddbmm, grouped mm, einsum) each operand is
 walked back through view-like ops (transpose, t, permute, .T/.mT, select, indexing, reshape/view,
 chunk/split/unbind, dtype casts) to a placeholder, carrying the operand's reduction dim along; the
-placeholder's dim is where the groups run. Analysis only: the graph is not changed.
+placeholder's dim is where the groups run. Analysis only: the graph is not changed, and no
+symbolic size is ever forced (`_same` compares sizes with `statically_known_true`, which adds no
+guard), so the analysis never specialises a dynamic batch or sequence length.
+
+Besides the matmul paths it records the facts the plan's policy reads: whether an embedding op
+reads the tensor (`embedding`), whether a matmul's output feeds a `topk` within a few elementwise
+steps (a MoE router), and the placeholder's direct users on each matmul path (`path_users`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
     "MatmulUse",
@@ -36,6 +43,7 @@ class MatmulUse:
     op: str  # normalized op name, e.g. "linear", "bmm", "grouped_mm"
     node: str  # the matmul node's name
     dim: int  # reduction dim in the parameter's own coordinates
+    router: bool = False  # the matmul's output reaches a topk (MoE routing logits)
 
 
 @dataclass
@@ -49,6 +57,8 @@ class ParamInfo:
     dtype: torch.dtype
     uses: list[MatmulUse] = field(default_factory=list)
     other_uses: list[str] = field(default_factory=list)  # ops that are not matmul weight paths
+    embedding: bool = False  # an embedding op reads this tensor as its table
+    path_users: set[fx.Node] = field(default_factory=set)  # first node of each matmul path
 
     @property
     def dims(self) -> set[int]:
@@ -116,14 +126,15 @@ def _rank(node: fx.Node) -> int | None:
     return v.dim() if isinstance(v, torch.Tensor) else None
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
+def _shape(node: fx.Node) -> tuple | None:
+    """The node's sizes as they are (ints or SymInts): never `int()` a symbolic size (a guard)."""
     v = _val(node)
-    if not isinstance(v, torch.Tensor):
-        return None
-    try:
-        return tuple(int(s) for s in v.shape)
-    except (TypeError, ValueError, RuntimeError):  # unbacked / symbolic sizes
-        return None
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _same(a, b) -> bool:
+    """a == b for sizes that may be symbolic, without adding a guard (False when unknown)."""
+    return bool(statically_known_true(a == b))
 
 
 def _arg(node: fx.Node, index: int, name: str, default=None):
@@ -170,10 +181,8 @@ def _reshape_map(in_shape: Sequence[int], out_shape: Sequence[int], d: int) -> i
     """Input dim that out dim d comes from unchanged (same size, same trailing product), if any."""
     tail = math.prod(out_shape[d + 1 :])
     for j, size in enumerate(in_shape):
-        if size == out_shape[d] and math.prod(in_shape[j + 1 :]) == tail:
-            lead_in = math.prod(in_shape[:j])
-            lead_out = math.prod(out_shape[:d])
-            if lead_in == lead_out:
+        if _same(size, out_shape[d]) and _same(math.prod(in_shape[j + 1 :]), tail):
+            if _same(math.prod(in_shape[:j]), math.prod(out_shape[:d])):
                 return j
     return None
 
@@ -283,15 +292,57 @@ def _step_back(node: fx.Node, d: int) -> tuple[fx.Node, int] | None:
     return None
 
 
-def _trace_to_placeholder(node: fx.Node, d: int) -> tuple[fx.Node, int] | None:
+def _trace_to_placeholder(node: fx.Node, d: int) -> tuple[fx.Node, int, fx.Node] | None:
+    """(placeholder, its dim, the placeholder's direct user on the path) or None."""
     seen = 0
+    user = node
     while node.op != "placeholder":
         step = _step_back(node, d)
         seen += 1
         if step is None or seen > 64:
             return None
+        user = node
         node, d = step
-    return node, d
+    return node, d, user
+
+
+_EMBEDDING_OPS = {"embedding", "embedding_bag", "_embedding_bag"}
+# ops a router's logits may pass through on their way to topk
+_ROUTER_PASS = {
+    "softmax", "log_softmax", "sigmoid", "float", "to", "type_as", "_to_copy", "view", "reshape",
+    "add", "iadd", "__add__", "mul", "__mul__", "contiguous", "_softmax", "getitem", "unsqueeze",
+}  # fmt: skip
+
+
+def _feeds_topk(node: fx.Node, depth: int = 6) -> bool:
+    """Whether node's value reaches a topk through at most `depth` elementwise/view steps."""
+    frontier, seen = [node], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen or u.op not in ("call_function", "call_method"):
+                    continue
+                seen.add(u)
+                name = op_name(u)
+                if name == "topk":
+                    return True
+                if name in _ROUTER_PASS:
+                    nxt.append(u)
+        frontier = nxt
+    return False
+
+
+def _embedding_table(node: fx.Node) -> fx.Node | None:
+    """The table operand of an embedding node (F.embedding(input, weight) / aten (weight, ids))."""
+    if node.op != "call_function" or op_name(node) not in _EMBEDDING_OPS:
+        return None
+    t = node.target
+    index = 0 if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) else 1
+    if len(node.args) > index and isinstance(node.args[index], fx.Node):
+        return node.args[index]
+    w = node.kwargs.get("weight")
+    return w if isinstance(w, fx.Node) else None
 
 
 def _is_param(node: fx.Node, example: object) -> bool:
@@ -366,8 +417,14 @@ def find_weight_uses(
             found = _trace_to_placeholder(operand, _norm(red_dim, rank))
             if found is None or found[0] not in infos:
                 continue
-            ph, d = found
-            infos[ph].uses.append(MatmulUse(op_name(node), node.name, d))
+            ph, d, user = found
+            infos[ph].uses.append(MatmulUse(op_name(node), node.name, d, _feeds_topk(node)))
+            infos[ph].path_users.add(user)
+        table = _embedding_table(node)
+        if table is not None:
+            found = _trace_to_placeholder(table, 0)
+            if found is not None and found[0] in infos:
+                infos[found[0]].embedding = True
 
     for info in infos.values():
         if not info.uses:
