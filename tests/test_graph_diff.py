@@ -22,13 +22,13 @@ import qatpass
 from qatpass.cli import main as qatpass_main
 from qatpass.config import DEFAULT_EXCLUDE
 from qatpass.debug_dump import dump_graph
-from qatpass.passes.plan import QuantPlan
 from qatpass.graph_diff import DiffReport, diff, sqnr_db
 from qatpass.graph_diff.cli import main as diff_main
 from qatpass.graph_diff.numbers import DEQUANT_PATH, KERNEL_PATH
 from qatpass.graph_diff.structure import diff_nodes, snapshot
 from qatpass.kernels.cpu.int4pack import CPU_PATH_NAMES
 from qatpass.kernels.cpu.native import kernel_unavailable_reason
+from qatpass.passes.plan import QuantPlan
 from qatpass.report import GraphSummary, QuantizedParam
 
 transformers = pytest.importorskip("transformers")
