@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from qatpass.config import QatConfig
-from qatpass.lowering.modules import W4A16Experts, W4A16Linear
+from qatpass.lowering.modules import W4A16Experts, W4A16Linear, write_packed_
 from qatpass.lowering.packed_tensor import PackedTensor
 from qatpass.passes.plan import (
     EXPERT_PARAM_NAMES,
@@ -258,7 +258,9 @@ def convert(
             for t in targets:
                 weights[(t.module_name, t.attr)] = (t.kind, packed)
     log.info("convert: packed %d weights (%s)", len(weights), plan.scheme)
-    return install_packed(target, weights)
+    served = install_packed(target, weights)
+    served.qatpass_plan = plan  # what exporters record beside the weights
+    return served
 
 
 def _packed_modules(qmodel: nn.Module):
@@ -400,7 +402,4 @@ def _write_packed(server: Any, attr: str, new: PackedWeight) -> None:
         old = server.packed()
     else:
         old = server.packed()[attr]
-    old.qweight.copy_(new.qweight)
-    old.scales.copy_(new.scales)
-    if new.zeros is not None:
-        old.zeros.copy_(new.zeros)
+    write_packed_(old, new)

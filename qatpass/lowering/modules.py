@@ -17,7 +17,22 @@ from qatpass.kernels.cpu import CPU_PATH_NAMES, cpu_path
 from qatpass.lowering import ops as _ops
 from qatpass.scheme import Int4Scheme, PackedWeight, quantize
 
-__all__ = ["PackedConstant", "PackedMixin", "W4A16Linear", "W4A16Experts"]
+__all__ = ["PackedConstant", "PackedMixin", "W4A16Linear", "W4A16Experts", "write_packed_"]
+
+
+@torch.no_grad()
+def write_packed_(dst: PackedWeight, src: PackedWeight) -> None:
+    """Copy src's packed tensors into dst's, in place: readers of dst's tensors (modules, compiled
+    graphs, the kernels' repack caches, which follow the version counters) see the new values."""
+    if src.qweight.shape != dst.qweight.shape or (src.zeros is None) != (dst.zeros is None):
+        raise ValueError(
+            f"refresh: packed layout changed: qweight {tuple(src.qweight.shape)} vs "
+            f"{tuple(dst.qweight.shape)}, zeros {src.zeros is not None} vs {dst.zeros is not None}"
+        )
+    dst.qweight.copy_(src.qweight)
+    dst.scales.copy_(src.scales)
+    if src.zeros is not None:
+        dst.zeros.copy_(src.zeros)
 
 
 class PackedMixin:
@@ -79,10 +94,7 @@ class PackedMixin:
                 f"{tuple(shape)}"
             )
         p = quantize(weight.detach().to(getattr(self, f"{prefix}qweight").device), self.scheme, dim)
-        getattr(self, f"{prefix}qweight").copy_(p.qweight)
-        getattr(self, f"{prefix}scales").copy_(p.scales)
-        if p.zeros is not None:
-            getattr(self, f"{prefix}zeros").copy_(p.zeros)
+        write_packed_(self._packed(prefix, shape, dim), p)
 
 
 class W4A16Linear(PackedMixin, nn.Module):

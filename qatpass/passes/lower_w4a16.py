@@ -32,11 +32,11 @@ from torch import nn
 
 from qatpass.config import QatConfig
 from qatpass.lowering import ops as _ops  # noqa: F401  (registers the ops)
-from qatpass.lowering.modules import PackedConstant
+from qatpass.lowering.modules import PackedConstant, write_packed_
 from qatpass.passes.insert_fake_quant import _EMBEDDING_OPS, insert_fake_quant
 from qatpass.passes.plan import GraphWeight
 from qatpass.passes.weight_uses import op_name
-from qatpass.scheme import Int4Scheme, quantize
+from qatpass.scheme import Int4Scheme, PackedWeight, quantize
 
 __all__ = ["lower_graph", "refresh_compiled", "lowered_fqns"]
 
@@ -68,10 +68,9 @@ class _LoweredWeight:
         if any(t is None for t in live.values()):
             return
         p = quantize(weight.detach().to(live["qweight"].device), self.scheme, self.dim)
-        live["qweight"].copy_(p.qweight)
-        live["scales"].copy_(p.scales)
-        if "zeros" in live:
-            live["zeros"].copy_(p.zeros)
+        dst = PackedWeight(live["qweight"], live["scales"], live.get("zeros"), p.shape, p.dim,
+                           p.dtype, p.scheme)  # fmt: skip
+        write_packed_(dst, p)
 
 
 # Every weight a live lowered graph holds, weakly (see _LoweredWeight).
