@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qatpass.export.torch_export import dynamic_shapes
+from qatpass.export.torch_export import export_call
 
 __all__ = ["to_onnx", "register_matmul_nbits_schema", "MS_DOMAIN"]
 
@@ -230,10 +230,10 @@ def _rewrite(model) -> int:
 
 def to_onnx(
     qmodel: nn.Module,
-    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+    example_inputs: Any,
     path: str | os.PathLike,
     *,
-    dynamic_axes: Sequence[int] = (0, 1),
+    dynamic_axes: Sequence[int] | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     opset_version: int = 18,
@@ -241,28 +241,32 @@ def to_onnx(
 ) -> Path:
     """Export a qatpass inference model to ONNX with MatMulNBits for its W4A16 linears.
 
-    `dynamic_axes`: input dims exported as dynamic (batch 0 and sequence 1 by default; () for
-    static shapes). Returns the path written. Raises when the model has no W4A16 op.
+    `qmodel` may be an HF model as it is (default config, `use_cache=True`): the graph returns
+    one tensor, the logits (see `qatpass.export.torch_export.export_call`). `example_inputs`: a
+    tensor, a tuple of positional tensors or a dict of keyword tensors; the ONNX inputs are named
+    after the forward's arguments (or the dict's keys), the output after what it is (`logits`,
+    `last_hidden_state`, ...; `output` for a plain tensor) unless `output_names`.
+    `dynamic_axes`: None gives every input a dynamic batch dim and token-like inputs a dynamic
+    sequence dim (`decoder_*` inputs their own); a tuple of dims (0, 1) applies to every input,
+    () exports static shapes. Returns the path written. Raises when the model has no W4A16 op.
     """
     import onnx
 
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give a .onnx file path")
+    call = export_call(qmodel, example_inputs, dynamic_axes)
     register_matmul_nbits_schema()
     table = _translations() | dict(extra_translations or {})
-    dyn = dynamic_shapes(example_inputs, dynamic_axes)
     with torch.no_grad():
         program = torch.onnx.export(
-            qmodel,
-            example_inputs,
+            call.module,
+            call.args,
+            kwargs=call.kwargs,
             dynamo=True,
-            dynamic_shapes=dyn,
+            dynamic_shapes=call.dynamic_shapes,
             input_names=list(input_names) if input_names else None,
             output_names=list(output_names) if output_names else None,
             opset_version=opset_version,
@@ -274,6 +278,8 @@ def to_onnx(
         raise ValueError(
             "the exported graph has no W4A16 linear; convert the model first (qatpass.convert)"
         )
+    if not output_names:
+        program.model.graph.outputs[0].name = call.module.output_name
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path))
     onnx.checker.check_model(str(path))
