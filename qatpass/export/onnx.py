@@ -262,11 +262,8 @@ def to_onnx(
     table = _translations() | dict(extra_translations or {})
     with torch.no_grad():
         program = torch.onnx.export(
-            call.module,
-            call.args,
-            kwargs=call.kwargs,
+            call.export(),  # the program to_pt2 writes: one torch.export path for both
             dynamo=True,
-            dynamic_shapes=call.dynamic_shapes,
             input_names=list(input_names) if input_names else None,
             output_names=list(output_names) if output_names else None,
             opset_version=opset_version,

@@ -120,6 +120,37 @@ class ExportCall(NamedTuple):
     kwargs: dict[str, torch.Tensor]  # the example, by keyword (empty when given positionally)
     dynamic_shapes: dict[str, dict[int, Any] | None] | None  # by input name; None: all static
 
+    def export(self) -> torch.export.ExportedProgram:
+        """`torch.export.export` of the call. A range the model imposes (BERT's sequence <=
+        max_position_embeddings) is taken from torch.export's suggested fixes; a dim the model
+        fixes to a constant is an error that names it."""
+        from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+
+        shapes = self.dynamic_shapes
+        for _ in range(3):
+            try:
+                return torch.export.export(
+                    self.module, self.args, self.kwargs, dynamic_shapes=shapes
+                )
+            except torch._dynamo.exc.UserError as e:
+                if shapes is None or "Suggested fixes" not in str(e):
+                    raise
+                refined = refine_dynamic_shapes_from_suggested_fixes(e.msg, shapes)
+                static = [
+                    f"dim {d} of {name!r}"
+                    for name, dims in refined.items()
+                    for d, dim in (dims or {}).items()
+                    if isinstance(dim, int)
+                ]
+                if static:
+                    raise ValueError(
+                        f"the model fixes {', '.join(static)} to a constant, so it cannot be "
+                        "exported as dynamic; give dynamic_axes without it. torch.export: "
+                        f"{e}"
+                    ) from e
+                shapes = refined
+        return torch.export.export(self.module, self.args, self.kwargs, dynamic_shapes=shapes)
+
 
 def _named_inputs(model: nn.Module, example_inputs: Any) -> tuple[dict[str, torch.Tensor], bool]:
     """({input name: tensor}, given positionally) for a tensor, a tuple or a dict of tensors."""
@@ -233,10 +264,7 @@ def export_program(
     model: nn.Module, example_inputs: Any, dynamic_axes: Sequence[int] | None = None
 ) -> torch.export.ExportedProgram:
     """`torch.export.export` of `export_call(model, example_inputs, dynamic_axes)`."""
-    call = export_call(model, example_inputs, dynamic_axes)
-    return torch.export.export(
-        call.module, call.args, call.kwargs, dynamic_shapes=call.dynamic_shapes
-    )
+    return export_call(model, example_inputs, dynamic_axes).export()
 
 
 def qatpass_op_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
