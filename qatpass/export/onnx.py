@@ -15,7 +15,9 @@ the exporter adds the initializers, so they are converted to MatMulNBits' layout
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qatpass.export.torch_export import export_call
+from qatpass.export.torch_export import ExportCall, export_call
 
 __all__ = ["to_onnx", "register_matmul_nbits_schema", "MS_DOMAIN"]
 
@@ -228,6 +230,45 @@ def _rewrite(model) -> int:
     return count
 
 
+def _symbol_names(program: torch.export.ExportedProgram, call: ExportCall) -> dict[str, str]:
+    """{torch.export symbol ("s72"): our Dim name ("batch")} for the inputs' dynamic dims."""
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    names = list(inspect.signature(call.module.forward).parameters)
+    out: dict[str, str] = {}
+    for placeholder, name in zip(program.graph_signature.user_inputs, names, strict=True):
+        shape = placeholders[placeholder].meta["val"].shape
+        for d, dim in ((call.dynamic_shapes or {}).get(name) or {}).items():
+            if isinstance(shape[d], torch.SymInt):
+                out[str(shape[d])] = dim.__name__
+    return out
+
+
+def _rename_dims(model, names: dict[str, str]) -> None:
+    """Name the graph's symbolic dims after our Dims (batch, seq, decoder_seq), in expressions too."""
+    import onnx_ir as ir
+
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+
+    def rename(value) -> None:
+        if value is None or value.shape is None:
+            return
+        dims = [
+            ir.SymbolicDim(pattern.sub(lambda m: names[m.group(1)], str(d.value)))
+            if isinstance(d, ir.SymbolicDim) and d.value is not None
+            else d
+            for d in value.shape.dims
+        ]
+        value.shape = ir.Shape(dims)
+
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        rename(value)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for value in node.outputs:
+            rename(value)
+
+
 def to_onnx(
     qmodel: nn.Module,
     example_inputs: Any,
@@ -261,8 +302,9 @@ def to_onnx(
     register_matmul_nbits_schema()
     table = _translations() | dict(extra_translations or {})
     with torch.no_grad():
+        exported = call.export()  # the program to_pt2 writes: one torch.export path for both
         program = torch.onnx.export(
-            call.export(),  # the program to_pt2 writes: one torch.export path for both
+            exported,
             dynamo=True,
             input_names=list(input_names) if input_names else None,
             output_names=list(output_names) if output_names else None,
@@ -275,6 +317,7 @@ def to_onnx(
         raise ValueError(
             "the exported graph has no W4A16 linear; convert the model first (qatpass.convert)"
         )
+    _rename_dims(program.model, _symbol_names(exported, call))
     if not output_names:
         program.model.graph.outputs[0].name = call.module.output_name
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -85,31 +85,41 @@ class LogitsOnly(nn.Module):
     nothing on it, so the exported state dict keys start with `model.`.
     """
 
+    output_name = "output"  # what the output is; export_call's wrapper reports its last call
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.training = model.training  # the wrapper's own flag only: train() would set model's
         names = {p.name for p in _forward_params(model)}
         self.extra_kwargs = {"use_cache": False} if "use_cache" in names else {}
-        self.output_name = "output"  # what the last call returned: "logits", a field name, ...
+
+    def named_output(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """(what the output is: "logits", a field name or "output"; the tensor)."""
+        return _one_tensor(self.model(*args, **kwargs, **self.extra_kwargs))
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
-        self.output_name, out = _one_tensor(self.model(*args, **kwargs, **self.extra_kwargs))
-        return out
+        return self.named_output(*args, **kwargs)[1]
 
 
 def _named_logits_only(model: nn.Module, names: Sequence[str]) -> LogitsOnly:
     """A LogitsOnly whose forward's signature names the inputs (torch.export binds the example
-    to it, ONNX names its graph inputs after it)."""
+    to it, ONNX names its graph inputs after it) and whose `output_name` says what the last call
+    returned (kept in a closure: torch.export restores the module's attributes after tracing)."""
     P = inspect.Parameter
     params = [P("self", P.POSITIONAL_OR_KEYWORD)]
     params += [P(name, P.POSITIONAL_OR_KEYWORD) for name in names]
+    seen: list[str] = []
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
-        return LogitsOnly.forward(self, *args, **kwargs)
+        name, out = self.named_output(*args, **kwargs)
+        seen[:] = [name]
+        return out
 
     forward.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    return type("LogitsOnly", (LogitsOnly,), {"forward": forward})(model)
+    output_name = property(lambda self: seen[-1] if seen else "output")
+    cls = type("LogitsOnly", (LogitsOnly,), {"forward": forward, "output_name": output_name})
+    return cls(model)
 
 
 class ExportCall(NamedTuple):
