@@ -281,6 +281,8 @@ def test_refuses_bad_arguments(tmp_path):
         to_pt2(qmodel, {"not a name": x}, tmp_path / "m.pt2")
     with pytest.raises(ValueError, match="dynamic_axes"):
         to_pt2(qmodel, (x,), tmp_path / "m.pt2", dynamic_axes=(3,))
+    with pytest.raises(ValueError, match="fixes dim 1 of 'input' to a constant"):
+        to_pt2(qmodel, (x,), tmp_path / "m.pt2", dynamic_axes=(0, 1))  # K of a Linear
     with pytest.raises(
         ValueError, match="disagree on the batch size: input_ids 2, attention_mask 3"
     ):

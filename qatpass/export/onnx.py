@@ -9,6 +9,10 @@ activation dtype (exact: they are bf16-representable); zero points are stored as
 (zero + 8) packed two blocks a byte, and omitted when symmetric (MatMulNBits' default zero point 8
 is our +8 code offset). Everything else is standard ONNX from `torch.onnx.export(dynamo=True)`.
 
+The model is exported once with `torch.export` through `export_call` (the program `to_pt2` writes:
+an HF model as it is returns its logits, inputs get dynamic batch/sequence dims), then translated;
+the ONNX dims are named after those Dims (`batch`, `seq`, `decoder_seq`).
+
 The translation emits MatMulNBits on the op's own inputs; the packed buffers only hold values once
 the exporter adds the initializers, so they are converted to MatMulNBits' layout afterwards.
 """

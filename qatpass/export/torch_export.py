@@ -54,17 +54,15 @@ def _one_tensor(out: Any) -> tuple[str, torch.Tensor]:
     logits = getattr(out, "logits", None)
     if isinstance(logits, torch.Tensor):
         return "logits", logits
-    # an HF ModelOutput is an OrderedDict of the fields that are set
-    items = (
-        out.items()
-        if isinstance(out, Mapping)
-        else enumerate(out)
-        if isinstance(out, (tuple, list))
-        else ()
-    )
-    for key, value in items:
+    if isinstance(out, Mapping):  # an HF ModelOutput: an OrderedDict of the fields that are set
+        items = [(str(k), v) for k, v in out.items()]
+    elif isinstance(out, (tuple, list)):
+        items = [("output", v) for v in out]
+    else:
+        items = []
+    for name, value in items:
         if isinstance(value, torch.Tensor):
-            return (key if isinstance(key, str) else "output"), value
+            return name, value
     raise TypeError(
         f"the model returned {type(out).__name__} with no tensor in it: nothing to export"
     )
