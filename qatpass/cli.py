@@ -26,6 +26,7 @@ _SUBCOMMANDS = {
 def _usage() -> str:
     lines = ["usage: qatpass {" + ",".join(_SUBCOMMANDS) + "} [args...]", ""]
     lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in _SUBCOMMANDS.items()]
+    lines += ["", "qatpass COMMAND --help: its options (diff and export: the MODEL_SPEC forms)"]
     return "\n".join(lines)
 
 

@@ -1,14 +1,16 @@
 """ONNX export: W4A16 linears become com.microsoft::MatMulNBits, and the file runs in onnxruntime
-on CPU with the torch inference model's numbers, for shapes other than the exported one."""
+on CPU with the torch inference model's numbers, for shapes other than the exported one. HF models
+export as they are (default config, use_cache=True): inputs named after the forward's arguments,
+dynamic batch and sequence dims (T5's decoder its own), logits out."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from tiny_models import Logits
-from tiny_models import export_llama as tiny_llama
-from tiny_models import export_moe as tiny_moe
+from test_export_pt2 import EXPORT_SHAPE, HF_CASES, RUN_SHAPES, converted, example, hf_case_params
+from test_export_pt2 import reference as hf_reference
+from tiny_models import tiny_llama
 from torch import nn
 
 from qatpass.config import QatConfig
@@ -27,9 +29,12 @@ ORT_FP32 = {"rtol": 1e-4, "atol": 1e-4}
 SHAPES = [(1, 5), (3, 11)]
 
 
-def run_ort(path, *inputs: torch.Tensor) -> np.ndarray:
+def run_ort(path, *inputs: torch.Tensor, **named: torch.Tensor) -> np.ndarray:
+    """Run the file on positional inputs (in the graph's input order) or on inputs by name."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs, strict=True)}
+    if inputs:
+        named = dict(zip((i.name for i in sess.get_inputs()), inputs, strict=True))
+    feed = {name: x.numpy() for name, x in named.items()}
     return sess.run(None, feed)[0]
 
 
@@ -39,7 +44,8 @@ def nbits_nodes(path) -> list:
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_tiny_llama_runs_in_onnxruntime(tmp_path, symmetric):
-    qmodel = Logits(convert(tiny_llama(), QatConfig(scheme=Int4Scheme(symmetric=symmetric))))
+    """The README line as printed: `to_onnx(qmodel, (ids,), path)` on the HF model as it is."""
+    qmodel = convert(tiny_llama(), QatConfig(scheme=Int4Scheme(symmetric=symmetric)))
     path = to_onnx(qmodel, (torch.randint(0, 128, (2, 7)),), tmp_path / "llama.onnx")
     nodes = nbits_nodes(path)
     assert len(nodes) == 2 * 7  # q, k, v, o, gate, up, down per layer; lm_head stays float
@@ -57,22 +63,31 @@ def test_tiny_llama_runs_in_onnxruntime(tmp_path, symmetric):
     for batch, seq in SHAPES:
         ids = torch.randint(0, 128, (batch, seq))
         with torch.no_grad():
-            ref = qmodel(ids).numpy()
+            ref = qmodel(ids).logits.numpy()
         got = run_ort(path, ids)
         assert got.shape == (batch, seq, 128)
         np.testing.assert_allclose(got, ref, **ORT_FP32)
 
 
-@pytest.mark.slow
-def test_tiny_moe_runs_in_onnxruntime(tmp_path):
-    qmodel = Logits(convert(tiny_moe()))
-    path = to_onnx(qmodel, (torch.randint(0, 128, (2, 7)),), tmp_path / "moe.onnx")
-    assert nbits_nodes(path)
-    for batch, seq in SHAPES:
-        ids = torch.randint(0, 128, (batch, seq))
-        with torch.no_grad():
-            ref = qmodel(ids).numpy()
-        np.testing.assert_allclose(run_ort(path, ids), ref, **ORT_FP32)
+@pytest.mark.parametrize("name", hf_case_params())
+def test_hf_model_as_it_is_runs_in_onnxruntime(tmp_path, name):
+    case = HF_CASES[name]
+    model, qmodel = converted(name)
+    inputs = case.inputs(*EXPORT_SHAPE)  # batch 1 (and decoder length 1): stays dynamic
+    path = to_onnx(qmodel, example(case, inputs), tmp_path / f"{name}.onnx")
+    assert len(nbits_nodes(path)) == case.n_ops - case.dead
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    dims = {"decoder_input_ids": ["batch", "decoder_seq"]}
+    assert {i.name: i.shape for i in sess.get_inputs()} == {
+        k: dims.get(k, ["batch", "seq"]) for k in inputs
+    }
+    assert [o.name for o in sess.get_outputs()] == [case.output]
+    for shape in RUN_SHAPES:
+        inputs = case.inputs(*shape)
+        ref = hf_reference(qmodel, case, inputs).numpy()
+        np.testing.assert_allclose(run_ort(path, **inputs), ref, **ORT_FP32)
+    assert model.config.use_cache and qmodel.config.use_cache  # no config flip left behind
+    assert not qmodel.training
 
 
 def mlp(k: int, bias: bool) -> nn.Module:
@@ -137,24 +152,3 @@ def test_refuses_bad_arguments(tmp_path):
         to_onnx(qmodel, ([1.0] * 64,), tmp_path / "m.onnx")
     with pytest.raises(IsADirectoryError):
         to_onnx(qmodel, x, tmp_path)
-
-
-def cli_factory():
-    torch.manual_seed(0)
-    return mlp(64, True), (torch.randn(3, 64),)
-
-
-def test_cli_onnx(tmp_path):
-    from qatpass.cli import main
-
-    out = tmp_path / "m.onnx"
-    spec = "test_export_onnx:cli_factory"
-    argv = ["export", "--format", "onnx", "--model", spec, "--out", str(out), "--group-size", "16"]
-    assert main(argv) == 0
-    first = nbits_nodes(out)[0]
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in first.attribute}
-    assert attrs["block_size"] == 16
-    model, (x,) = cli_factory()
-    with torch.no_grad():
-        ref = convert(model, QatConfig(scheme=Int4Scheme(group_size=16))).forward(x).numpy()
-    np.testing.assert_allclose(run_ort(out, x), ref, **ORT_FP32)

@@ -9,13 +9,19 @@ activation dtype (exact: they are bf16-representable); zero points are stored as
 (zero + 8) packed two blocks a byte, and omitted when symmetric (MatMulNBits' default zero point 8
 is our +8 code offset). Everything else is standard ONNX from `torch.onnx.export(dynamo=True)`.
 
+The model is exported once with `torch.export` through `export_call` (the program `to_pt2` writes:
+an HF model as it is returns its logits, inputs get dynamic batch/sequence dims), then translated;
+the ONNX dims are named after those Dims (`batch`, `seq`, `decoder_seq`).
+
 The translation emits MatMulNBits on the op's own inputs; the packed buffers only hold values once
 the exporter adds the initializers, so they are converted to MatMulNBits' layout afterwards.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qatpass.export.torch_export import dynamic_shapes
+from qatpass.export.torch_export import ExportCall, export_call
 
 __all__ = ["to_onnx", "register_matmul_nbits_schema", "MS_DOMAIN"]
 
@@ -228,12 +234,51 @@ def _rewrite(model) -> int:
     return count
 
 
+def _symbol_names(program: torch.export.ExportedProgram, call: ExportCall) -> dict[str, str]:
+    """{torch.export symbol ("s72"): our Dim name ("batch")} for the inputs' dynamic dims."""
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    names = list(inspect.signature(call.module.forward).parameters)
+    out: dict[str, str] = {}
+    for placeholder, name in zip(program.graph_signature.user_inputs, names, strict=True):
+        shape = placeholders[placeholder].meta["val"].shape
+        for d, dim in ((call.dynamic_shapes or {}).get(name) or {}).items():
+            if isinstance(shape[d], torch.SymInt):
+                out[str(shape[d])] = dim.__name__
+    return out
+
+
+def _rename_dims(model, names: dict[str, str]) -> None:
+    """Name the graph's symbolic dims after our Dims (batch, seq, decoder_seq), in expressions too."""
+    import onnx_ir as ir
+
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+
+    def rename(value) -> None:
+        if value is None or value.shape is None:
+            return
+        dims = [
+            ir.SymbolicDim(pattern.sub(lambda m: names[m.group(1)], str(d.value)))
+            if isinstance(d, ir.SymbolicDim) and d.value is not None
+            else d
+            for d in value.shape.dims
+        ]
+        value.shape = ir.Shape(dims)
+
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        rename(value)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for value in node.outputs:
+            rename(value)
+
+
 def to_onnx(
     qmodel: nn.Module,
-    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+    example_inputs: Any,
     path: str | os.PathLike,
     *,
-    dynamic_axes: Sequence[int] = (0, 1),
+    dynamic_axes: Sequence[int] | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     opset_version: int = 18,
@@ -241,28 +286,30 @@ def to_onnx(
 ) -> Path:
     """Export a qatpass inference model to ONNX with MatMulNBits for its W4A16 linears.
 
-    `dynamic_axes`: input dims exported as dynamic (batch 0 and sequence 1 by default; () for
-    static shapes). Returns the path written. Raises when the model has no W4A16 op.
+    `qmodel` may be an HF model as it is (default config, `use_cache=True`): the graph returns
+    one tensor, the logits (see `qatpass.export.torch_export.export_call`). `example_inputs`: a
+    tensor, a tuple of positional tensors or a dict of keyword tensors; the ONNX inputs are named
+    after the forward's arguments (or the dict's keys), the output after what it is (`logits`,
+    `last_hidden_state`, ...; `output` for a plain tensor) unless `output_names`.
+    `dynamic_axes`: None gives every input a dynamic batch dim and token-like inputs a dynamic
+    sequence dim (`decoder_*` inputs their own); a tuple of dims (0, 1) applies to every input,
+    () exports static shapes. Returns the path written. Raises when the model has no W4A16 op.
     """
     import onnx
 
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give a .onnx file path")
+    call = export_call(qmodel, example_inputs, dynamic_axes)
     register_matmul_nbits_schema()
     table = _translations() | dict(extra_translations or {})
-    dyn = dynamic_shapes(example_inputs, dynamic_axes)
     with torch.no_grad():
+        exported = call.export()  # the program to_pt2 writes: one torch.export path for both
         program = torch.onnx.export(
-            qmodel,
-            example_inputs,
+            exported,
             dynamo=True,
-            dynamic_shapes=dyn,
             input_names=list(input_names) if input_names else None,
             output_names=list(output_names) if output_names else None,
             opset_version=opset_version,
@@ -274,6 +321,9 @@ def to_onnx(
         raise ValueError(
             "the exported graph has no W4A16 linear; convert the model first (qatpass.convert)"
         )
+    _rename_dims(program.model, _symbol_names(exported, call))
+    if not output_names:
+        program.model.graph.outputs[0].name = call.module.output_name
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path))
     onnx.checker.check_model(str(path))
