@@ -127,11 +127,10 @@ def reference(model: nn.Module, case: HFCase, inputs: dict[str, torch.Tensor]) -
 
 
 def converted(name: str) -> tuple[nn.Module, nn.Module]:
-    """(model, convert(model)); xfails GPT-2 while convert packs no Conv1D on this branch."""
+    """(model, convert(model)), with at least one weight packed."""
     model = HF_CASES[name].build()
     qmodel = convert(model)
-    if not packed_weights(qmodel):
-        pytest.xfail(f"convert packs no weight of {name} (Conv1D serving is not on this branch)")
+    assert packed_weights(qmodel), f"convert packed no weight of {name}"
     return model, qmodel
 
 

@@ -45,16 +45,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def warn_unquantizable(model: nn.Module, config: QatConfig) -> int:
-    """Log at WARNING the weights left in high precision for a reason other than the filters
-    (group divisibility, dtype); tied copies of a selected weight do not count. Returns the count."""
-    from qatpass.selection import select_weights
+    """Log at WARNING the matmul weights the plan leaves in high precision for a reason other than
+    its policy and filters (group divisibility, dtype). Returns the count."""
+    from qatpass.lowering.convert import module_plan
 
-    selected, skipped = select_weights(model, config)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    packed = {id(params[s.fqn]) for s in selected}
-    left = [
-        s for s in skipped if config.selects(s.fqn) is None and id(params.get(s.fqn)) not in packed
-    ]
+    plan, _ = module_plan(model, config)
+    left = plan.not_by_policy()
     if left:
         shown = "; ".join(f"{s.fqn}: {s.reason}" for s in left[:5])
         more = f"; and {len(left) - 5} more" if len(left) > 5 else ""

@@ -30,8 +30,8 @@ from torch import nn
 from qatpass.config import QatConfig
 from qatpass.export.safetensors_io import atomic_dir, read_tensors, write_shards
 from qatpass.export.weights import ModelWeights, PackedEntry, collect_weights, drop_tied
+from qatpass.passes.plan import EXPERT_PARAM_NAMES, is_conv1d, is_experts_module
 from qatpass.scheme import CODE_OFFSET, Int4Scheme, PackedWeight, pack_int4, unpack_int4
-from qatpass.selection import EXPERT_PARAM_NAMES, is_experts_module
 
 __all__ = [
     "save_compressed_tensors",
@@ -407,13 +407,15 @@ def _gather(
     for name, p in packed.items():
         module = modules.get(name)
         m = _EXPERT_RE.match(name)
-        if isinstance(module, nn.Linear):
-            w = module.weight
-            if tuple(w.shape) != tuple(p.shape):
+        if isinstance(module, nn.Linear) or is_conv1d(module):
+            w = module.weight  # nn.Linear [N, K] reduced along 1; Conv1D [K, N] along 0
+            dim = 0 if is_conv1d(module) else 1
+            if (w.shape[1 - dim], w.shape[dim]) != tuple(p.shape):
                 raise ValueError(
-                    f"{name}: checkpoint weight_shape {list(p.shape)} != model's {list(w.shape)}"
+                    f"{name}: checkpoint weight_shape {list(p.shape)} != model's "
+                    f"{[w.shape[1 - dim], w.shape[dim]]} (N, K)"
                 )
-            out[(name, "weight")] = ("linear", _with(p, w.shape, 1, w.dtype))
+            out[(name, "weight")] = ("linear", _with(p, w.shape, dim, w.dtype))
         elif m and is_experts_module(modules.get(m["experts"], nn.Module())):
             attr = "gate_up_proj" if m["proj"] in ("gate_proj", "up_proj") else m["proj"]
             if f"{m['experts']}.{attr}" not in params:
