@@ -40,9 +40,12 @@ __all__ = [
     "dequantize",
     "check_quantizable",
     "check_dim",
+    "parse_scale_dtype",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SCALE_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in _FLOAT_DTYPES}
+_DICT_KEYS = ("group_size", "symmetric", "qrange", "scale_dtype")
 CODE_OFFSET = 8  # stored nibble = code + 8, so codes in [-8, 7] fit 0..15
 
 
@@ -67,6 +70,10 @@ class Int4Scheme:
         if qrange not in ((-7, 7), (-8, 7)):
             raise ValueError(f"qrange must be (-7, 7) or (-8, 7), got {self.qrange!r}")
         object.__setattr__(self, "qrange", qrange)
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(
+                f"symmetric must be a bool (true/false), got {type(self.symmetric).__name__} {self.symmetric!r}"
+            )
         if self.scale_dtype not in _FLOAT_DTYPES:
             raise ValueError(
                 f"scale_dtype must be one of float32, bfloat16, float16, got {self.scale_dtype}"
@@ -99,15 +106,32 @@ class Int4Scheme:
 
     @classmethod
     def from_dict(cls, d: dict) -> Int4Scheme:
-        dtype = d.get("scale_dtype", "bfloat16")
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        """Inverse of to_dict, strict: JSON types exactly (a bool is true/false, never "false")."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a scheme dict must be a dict, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(_DICT_KEYS))
+        if unknown:
+            raise ValueError(f"unknown scheme key(s) {unknown}; known: {list(_DICT_KEYS)}")
+        qrange = d.get("qrange", (-7, 7))
+        if not isinstance(qrange, (list, tuple)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in qrange
+        ):
+            raise TypeError(f"qrange must be a list of two ints, got {qrange!r}")
         return cls(
-            group_size=int(d.get("group_size", 32)),
-            symmetric=bool(d.get("symmetric", True)),
-            qrange=tuple(d.get("qrange", (-7, 7))),
-            scale_dtype=dtype,
+            group_size=d.get("group_size", 32),
+            symmetric=d.get("symmetric", True),
+            qrange=tuple(qrange),
+            scale_dtype=parse_scale_dtype(d.get("scale_dtype", "bfloat16")),
         )
+
+
+def parse_scale_dtype(value: str | torch.dtype, name: str = "scale_dtype") -> torch.dtype:
+    """The torch dtype a scale_dtype names: "float32", "bfloat16", "float16" (or the dtype)."""
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value in _SCALE_DTYPE_NAMES:
+        return _SCALE_DTYPE_NAMES[value]
+    raise ValueError(f"{name} must be one of {sorted(_SCALE_DTYPE_NAMES)}, got {value!r}")
 
 
 def check_dim(w: torch.Tensor, dim: int) -> int:
