@@ -23,6 +23,7 @@ from qatpass.config import QatConfig
 from qatpass.export import safetensors_io
 from qatpass.export.compressed_tensors import (
     load_compressed_tensors,
+    packed_state_dict,
     read_checkpoint,
     save_compressed_tensors,
 )
@@ -241,6 +242,8 @@ def test_save_names_the_non_finite_parameter(tmp_path):
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight .* non-finite"):
         save_compressed_tensors(model, tmp_path / "c")
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
+        packed_state_dict(model)
 
 
 # The child saves a small model over `out` and SIGKILLs itself at one point of the save.

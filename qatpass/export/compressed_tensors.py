@@ -124,6 +124,7 @@ def packed_state_dict(model: nn.Module, config: QatConfig | None = None) -> dict
 
     For an inference engine's update-weights-from-tensors API; names as in the checkpoint.
     """
+    _check_finite(model)
     return _state_dict(collect_weights(model, config))
 
 
@@ -191,7 +192,7 @@ def _check_finite(model: nn.Module) -> None:
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(
                 f"{name} (shape {list(t.shape)}) has {bad} non-finite values (NaN/Inf); "
-                "nothing was written"
+                "nothing is exported"
             )
 
 

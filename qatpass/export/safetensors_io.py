@@ -100,7 +100,10 @@ def recover_interrupted(out_dir: str | os.PathLike) -> list[Path]:
         tag = tmp.name[len(prefix) :]
         if not tmp.is_dir() or tmp.is_symlink():
             continue
-        fd = _locked(tmp)
+        try:
+            fd = _locked(tmp)
+        except OSError:
+            continue  # renamed into place meanwhile, or not ours to open
         if fd is None:
             continue  # a save in progress
         try:
@@ -110,6 +113,8 @@ def recover_interrupted(out_dir: str | os.PathLike) -> list[Path]:
                 touched.append(out)
             shutil.rmtree(tmp)
             touched.append(tmp)
+        except OSError:
+            continue  # best effort: a leftover we cannot remove never blocks a save
         finally:
             os.close(fd)
     for backup in sorted(parent.glob(f"{glob_escape(f'.{out.name}.old-')}*")):
