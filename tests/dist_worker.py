@@ -1,17 +1,20 @@
 """Worker for tests/test_distributed.py: a few qat4 training steps under DDP or FSDP2 (gloo, CPU).
 
 Each rank reports through its own JSON file (`{"losses": ..., "quantized": ...}` or
-`{"error": traceback}`) and ends with `os._exit`: the results are on disk before any teardown, and
-the interpreter's finalizers never run a `~ProcessGroupGloo()` that can deadlock (its thread waits
-for the GIL the exiting main thread holds). The process group is torn down explicitly before that,
-after a barrier, so no collective is in flight.
+`{"error": traceback}`) once a barrier says every rank is done with its collectives, then tears the
+group down explicitly and ends with `os._exit`, so the interpreter's finalizers never run a
+`~ProcessGroupGloo()` (seen to deadlock: its thread waits for the GIL the exiting main thread
+holds). Should the explicit teardown itself hang, faulthandler's C watchdog (it needs no GIL)
+dumps the stacks and exits 1: the parent sees results reported and a teardown that did not finish.
 """
 
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import json
 import os
+import time
 import traceback
 
 import torch
@@ -23,6 +26,7 @@ import qatpass
 STEPS = 3
 # every collective (and the rendezvous) fails after this instead of waiting forever on a dead peer
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
+TEARDOWN_TIMEOUT_S = 60.0
 
 
 def make_model() -> nn.Sequential:
@@ -94,21 +98,39 @@ def _report(out_dir: str, rank: int, result: dict) -> None:
     os.replace(tmp, result_path(out_dir, rank))
 
 
-def worker(rank: int, world: int, mode: str, port: int, out_dir: str) -> None:
-    """One rank: train, report to `out_dir/rank<r>.json`, tear down, `os._exit` (0 ok, 1 error)."""
-    code = 1
+def worker(
+    rank: int,
+    world: int,
+    mode: str,
+    port: int,
+    out_dir: str,
+    teardown_timeout_s: float = TEARDOWN_TIMEOUT_S,
+    hang_teardown: bool = False,
+) -> None:
+    """One rank: train, report to `out_dir/rank<r>.json`, tear down, `os._exit` (0 ok, 1 error).
+
+    `hang_teardown` stands in for the gloo destructor deadlock (tests the watchdog).
+    """
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
         result = _run(rank, world, mode)
         dist.barrier()  # every rank is done with its collectives before any group goes away
         _report(out_dir, rank, result)
-        dist.destroy_process_group()
-        code = 0
     except BaseException:  # noqa: B036  (reported to the parent, then a hard exit either way)
         try:
             _report(out_dir, rank, {"error": traceback.format_exc()})
-        except OSError:
-            pass
+        finally:
+            os._exit(1)
+    code = 0
+    try:
+        faulthandler.dump_traceback_later(teardown_timeout_s, exit=True)
+        if hang_teardown:
+            time.sleep(3600)
+        dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
+    except BaseException:  # noqa: B036
+        traceback.print_exc()
+        code = 1
     finally:
         os._exit(code)
