@@ -229,6 +229,12 @@ def test_architectures_must_name_a_transformers_model_class(copy, arch):
         load_compressed_tensors(copy)
 
 
+def test_architecture_and_model_type_must_agree(copy):
+    _edit_config(copy, lambda c: c.update(architectures=["BertModel"]))
+    with pytest.raises(ValueError, match=r"config\.json: architectures\[0\] BertModel is a 'bert'"):
+        load_compressed_tensors(copy)
+
+
 def test_a_real_architecture_still_builds(copy):
     model = load_compressed_tensors(copy)
     assert type(model).__name__ == "LlamaForCausalLM"

@@ -477,11 +477,17 @@ def _build_model(cfg: dict[str, Any], path: Path) -> nn.Module:
     model_type = d.pop("model_type", None)
     if not isinstance(model_type, str):
         raise ValueError(f"{cfile} has no model_type (needed to build {cls.__name__}); pass model=")
+    expected = getattr(getattr(cls, "config_class", None), "model_type", model_type)
+    if model_type != expected:
+        raise ValueError(
+            f"{cfile}: architectures[0] {cls.__name__} is a {expected!r} model, but model_type is "
+            f"{model_type!r}"
+        )
     try:
         hf_config = transformers.AutoConfig.for_model(model_type, **d)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"{cfile}: transformers cannot build a {model_type!r} config: {e}") from e
-    model = cls(hf_config)
+        model = cls(hf_config)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{cfile}: transformers cannot build {cls.__name__} from it: {e}") from e
     dtype = cfg.get("dtype") or cfg.get("torch_dtype")
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
         model = model.to(getattr(torch, dtype))
