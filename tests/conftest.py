@@ -16,12 +16,20 @@ if os.environ.get("QATPASS_TEST_CUDA") != "1":
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import settings  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Property tests: in CI (CI=true) every run draws the same examples and never replays a database,
-# so a failure is a code change, not a seed; locally the default profile explores new examples and
-# replays earlier failures from .hypothesis/. HYPOTHESIS_PROFILE=ci reproduces CI locally.
-settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+# so a failure is a code change, not a seed, and no timing (deadline, too_slow) can fail a run on a
+# busy machine; locally the default profile explores new examples and replays earlier failures
+# from .hypothesis/. HYPOTHESIS_PROFILE=ci reproduces CI locally.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def hypothesis_profile(env: dict[str, str]) -> str:

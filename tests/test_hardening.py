@@ -44,7 +44,7 @@ def test_ci_selects_the_derandomized_profile():
     assert hypothesis_profile({"CI": "false"}) == "default"
     assert hypothesis_profile({"CI": "true", "HYPOTHESIS_PROFILE": "default"}) == "default"
     ci = settings.get_profile("ci")
-    assert ci.derandomize and ci.database is None and ci.print_blob
+    assert ci.derandomize and ci.database is None and ci.print_blob and ci.deadline is None
 
 
 # --- item 8: strict parsing -------------------------------------------------------------------
