@@ -343,6 +343,25 @@ def test_a_running_save_is_not_cleaned_up(tmp_path):
     assert (out / "x").read_text() == "x" and _leftovers(out) == []
 
 
+def test_a_failed_second_rename_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    out = tmp_path / "c"
+    save_compressed_tensors(_old_model(), out)
+    old = load_file(out / safetensors_io.SINGLE_FILE)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError("rename failed")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(safetensors_io.os, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        save_compressed_tensors(tiny_llama(), out, overwrite=True)
+    monkeypatch.undo()
+    got = load_file(out / safetensors_io.SINGLE_FILE)
+    assert all(torch.equal(got[k], old[k]) for k in old) and _leftovers(out) == []
+
+
 def test_nothing_is_written_when_the_block_fails(tmp_path):
     out = tmp_path / "c"
     with pytest.raises(RuntimeError, match="boom"), safetensors_io.atomic_dir(out):

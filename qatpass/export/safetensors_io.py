@@ -153,19 +153,18 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
     except OSError as e:
         raise PermissionError(f"cannot write the checkpoint directory {out}: {e}") from e
     assert fd is not None  # a directory just made by this process
-    tag = tmp.name[len(_tmp_name(out, "")) :]
+    backup = parent / _backup_name(out, tmp.name[len(_tmp_name(out, "")) :])
     try:
         yield tmp
         _fsync_tree(tmp)
-        backup = None
         if out.exists():
-            backup = parent / _backup_name(out, tag)
             os.rename(out, backup)
         os.rename(tmp, out)
         _fsync_dir(parent)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        shutil.rmtree(backup, ignore_errors=True)
     except BaseException:
+        if backup.exists() and not out.exists():
+            os.rename(backup, out)  # failed (or interrupted) between the renames: put it back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
