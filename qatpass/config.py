@@ -6,9 +6,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-import torch
-
-from qatpass.scheme import Int4Scheme
+from qatpass.scheme import Int4Scheme, parse_scale_dtype
 
 __all__ = ["QatConfig", "DEFAULT_EXCLUDE", "MODES", "COMPILERS"]
 
@@ -72,8 +70,8 @@ class QatConfig:
         if unknown:
             raise ValueError(f"unknown qat4 option(s) {unknown}; known: {sorted(known)}")
         scheme_kwargs = {k: opts.pop(k) for k in _SCHEME_KEYS if k in opts}
-        if isinstance(scheme_kwargs.get("scale_dtype"), str):
-            scheme_kwargs["scale_dtype"] = getattr(torch, scheme_kwargs["scale_dtype"])
+        if "scale_dtype" in scheme_kwargs:
+            scheme_kwargs["scale_dtype"] = parse_scale_dtype(scheme_kwargs["scale_dtype"])
         if scheme_kwargs:
             if "scheme" in opts:
                 raise ValueError("give either `scheme` or its fields, not both")

@@ -12,6 +12,10 @@ Conventions (see DESIGN.md):
   asymmetric: scale = (max - min) / (qmax - qmin), integer zero point in qrange;
 - scales computed in fp32, clamped into the finite positive range of `scale_dtype`, rounded to
   `scale_dtype`, and that rounded value is what quantizes and dequantizes; round half to even;
+- never Inf: codes are clamped so that |(code - zero) * scale| <= the weight dtype's max (only the
+  outermost code of a group at the dtype's edge moves, e.g. fp16 weights >= 61440 under (-8, 7));
+  a weight beyond what scale_dtype can scale (|w| > 7 * 65504 with fp16 scales) saturates in fake
+  quant and is refused by `quantize`;
 - packed layout: codes offset by 8 (0..15), packed along K, low nibble first: uint8 [N, K/2]
   viewed as int32 [N, K/8] (compressed-tensors `pack-quantized`, ONNX `MatMulNBits`).
 """
@@ -35,9 +39,13 @@ __all__ = [
     "quantize",
     "dequantize",
     "check_quantizable",
+    "check_dim",
+    "parse_scale_dtype",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SCALE_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in _FLOAT_DTYPES}
+_DICT_KEYS = ("group_size", "symmetric", "qrange", "scale_dtype")
 CODE_OFFSET = 8  # stored nibble = code + 8, so codes in [-8, 7] fit 0..15
 
 
@@ -62,6 +70,10 @@ class Int4Scheme:
         if qrange not in ((-7, 7), (-8, 7)):
             raise ValueError(f"qrange must be (-7, 7) or (-8, 7), got {self.qrange!r}")
         object.__setattr__(self, "qrange", qrange)
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(
+                f"symmetric must be a bool (true/false), got {type(self.symmetric).__name__} {self.symmetric!r}"
+            )
         if self.scale_dtype not in _FLOAT_DTYPES:
             raise ValueError(
                 f"scale_dtype must be one of float32, bfloat16, float16, got {self.scale_dtype}"
@@ -94,15 +106,45 @@ class Int4Scheme:
 
     @classmethod
     def from_dict(cls, d: dict) -> Int4Scheme:
-        dtype = d.get("scale_dtype", "bfloat16")
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        """Inverse of to_dict, strict: JSON types exactly (a bool is true/false, never "false")."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a scheme dict must be a dict, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(_DICT_KEYS))
+        if unknown:
+            raise ValueError(f"unknown scheme key(s) {unknown}; known: {list(_DICT_KEYS)}")
+        qrange = d.get("qrange", (-7, 7))
+        if not isinstance(qrange, (list, tuple)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in qrange
+        ):
+            raise TypeError(f"qrange must be a list of two ints, got {qrange!r}")
         return cls(
-            group_size=int(d.get("group_size", 32)),
-            symmetric=bool(d.get("symmetric", True)),
-            qrange=tuple(d.get("qrange", (-7, 7))),
-            scale_dtype=dtype,
+            group_size=d.get("group_size", 32),
+            symmetric=d.get("symmetric", True),
+            qrange=tuple(qrange),
+            scale_dtype=parse_scale_dtype(d.get("scale_dtype", "bfloat16")),
         )
+
+
+def parse_scale_dtype(value: str | torch.dtype, name: str = "scale_dtype") -> torch.dtype:
+    """The torch dtype a scale_dtype names: "float32", "bfloat16", "float16" (or the dtype)."""
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value in _SCALE_DTYPE_NAMES:
+        return _SCALE_DTYPE_NAMES[value]
+    raise ValueError(f"{name} must be one of {sorted(_SCALE_DTYPE_NAMES)}, got {value!r}")
+
+
+def check_dim(w: torch.Tensor, dim: int) -> int:
+    """`dim` as a non-negative index into w's dims; refuses non-matrix tensors and bad dims."""
+    if w.dim() < 2:
+        raise ValueError(f"a {w.dim()}-d tensor of shape {tuple(w.shape)} is not a matmul weight")
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -w.dim() <= dim < w.dim():
+        raise ValueError(
+            f"dim {dim} is out of range for a {w.dim()}-d weight of shape {tuple(w.shape)}"
+        )
+    return dim % w.dim()
 
 
 def check_quantizable(
@@ -112,6 +154,8 @@ def check_quantizable(
     if len(shape) < 2:
         return f"a {len(shape)}-d tensor is not a matmul weight"
     k = shape[dim]
+    if k == 0:
+        return f"reduction dim {dim} has size 0"
     g = scheme.group_size_for(k)
     if k % g:
         return f"reduction dim {dim} of size {k} is not divisible by group_size {g}"
@@ -148,6 +192,15 @@ def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (bits & ~((1 << drop) - 1)).view(torch.float32)
 
 
+def _raw_scales(groups: torch.Tensor, scheme: Int4Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 scales before clamping and rounding, each group's low end) of fp32 groups [..., G]."""
+    if scheme.symmetric:
+        return groups.abs().amax(dim=-1) / scheme.divisor, groups.new_zeros(())
+    lo = groups.amin(dim=-1).clamp(max=0.0)
+    hi = groups.amax(dim=-1).clamp(min=0.0)
+    return (hi - lo) / float(scheme.qmax - scheme.qmin), lo
+
+
 def compute_qparams(
     groups: torch.Tensor, scheme: Int4Scheme
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -156,12 +209,7 @@ def compute_qparams(
     The scales hold values exactly representable in scale_dtype (storing them is lossless).
     """
     info = torch.finfo(scheme.scale_dtype)
-    if scheme.symmetric:
-        raw = groups.abs().amax(dim=-1) / scheme.divisor
-    else:
-        lo = groups.amin(dim=-1).clamp(max=0.0)
-        hi = groups.amax(dim=-1).clamp(min=0.0)
-        raw = (hi - lo) / float(scheme.qmax - scheme.qmin)
+    raw, lo = _raw_scales(groups, scheme)
     scales = round_to_dtype(raw.clamp(min=info.tiny, max=info.max), scheme.scale_dtype)
     if scheme.symmetric:
         return scales, None
@@ -170,13 +218,25 @@ def compute_qparams(
 
 
 def quantize_codes(
-    groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, scheme: Int4Scheme
+    groups: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    scheme: Int4Scheme,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Integer codes (as fp32) in [qmin, qmax] of fp32 groups [..., G]."""
-    q = torch.round(groups / scales.float().unsqueeze(-1))
-    if zeros is not None:
-        q = q + zeros.float().unsqueeze(-1)
-    return q.clamp(scheme.qmin, scheme.qmax)
+    """Integer codes (as fp32) in [qmin, qmax] of fp32 groups [..., G], for weights of `dtype`.
+
+    Codes are also clamped so that |(code - zero) * scale| <= finfo(dtype).max: dequantizing to
+    the weight dtype never overflows to Inf (an fp16 group whose amax is >= 61440 under (-8, 7)
+    would otherwise dequantize its -amax to -8 * amax / 7.5).
+    """
+    s = scales.float().unsqueeze(-1)
+    q = torch.round(groups / s)
+    z = 0.0 if zeros is None else zeros.float().unsqueeze(-1)
+    q = (q + z).clamp(scheme.qmin, scheme.qmax)
+    # as many steps of `scale` as fit in the dtype's range (inf for small scales: no clamp)
+    span = torch.floor(torch.finfo(dtype).max / s)
+    return torch.minimum(torch.maximum(q, z - span), z + span)
 
 
 def dequantize_codes(
@@ -191,10 +251,11 @@ def dequantize_codes(
 
 def fake_quantize_values(w: torch.Tensor, scheme: Int4Scheme, dim: int = -1) -> torch.Tensor:
     """dequantize(quantize(w)) computed without packing; same shape and dtype as w. No autograd."""
-    dim = dim % w.dim()
+    dim = check_dim(w, dim)
     groups = _grouped(w, dim, scheme)
     scales, zeros = compute_qparams(groups, scheme)
-    dq = dequantize_codes(quantize_codes(groups, scales, zeros, scheme), scales, zeros)
+    codes = quantize_codes(groups, scales, zeros, scheme, w.dtype)
+    dq = dequantize_codes(codes, scales, zeros)
     moved = w.movedim(dim, -1).shape
     return dq.reshape(moved).to(w.dtype).movedim(-1, dim)
 
@@ -244,6 +305,27 @@ class PackedWeight:
         return self.qweight.numel() * 4 + self.scales.numel() * self.scales.element_size() + zeros
 
 
+def _check_scalable(groups: torch.Tensor, shape: torch.Size, scheme: Int4Scheme) -> None:
+    """Refuse groups whose scale would saturate at scale_dtype's max (their codes would clip)."""
+    info = torch.finfo(scheme.scale_dtype)
+    raw, _ = _raw_scales(groups, scheme)
+    if bool((raw > info.max).any()):
+        if scheme.symmetric:
+            fits = f"|w| <= {scheme.divisor * info.max:.6g}"
+        else:
+            fits = f"max - min <= {(scheme.qmax - scheme.qmin) * info.max:.6g} per group"
+        raise ValueError(
+            f"weight of shape {tuple(shape)} has values up to {float(groups.abs().amax()):.6g}, "
+            f"beyond what {str(scheme.scale_dtype).removeprefix('torch.')} scales represent "
+            f"(scale <= {info.max:.6g}: {fits}); "
+            + (
+                "use scale_dtype bfloat16 or float32"
+                if scheme.scale_dtype == torch.float16
+                else "the weight's range overflows float32"
+            )
+        )
+
+
 def quantize(w: torch.Tensor, scheme: Int4Scheme | None = None, dim: int = -1) -> PackedWeight:
     """Quantize and pack w along its reduction dim `dim` (last by default, as for nn.Linear)."""
     scheme = scheme or Int4Scheme()
@@ -253,10 +335,11 @@ def quantize(w: torch.Tensor, scheme: Int4Scheme | None = None, dim: int = -1) -
     if not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"weight of shape {tuple(w.shape)} has {bad} non-finite values (NaN/Inf)")
-    dim = dim % w.dim()
+    dim = check_dim(w, dim)
     groups = _grouped(w, dim, scheme)
+    _check_scalable(groups, w.shape, scheme)
     scales, zeros = compute_qparams(groups, scheme)
-    codes = quantize_codes(groups, scales, zeros, scheme).to(torch.int8)
+    codes = quantize_codes(groups, scales, zeros, scheme, w.dtype).to(torch.int8)
     codes = codes.reshape(*groups.shape[:-2], -1)
     return PackedWeight(
         qweight=pack_int4(codes),

@@ -1,4 +1,4 @@
-"""Shared test settings: tolerances (defined once), seeds, an isolated Inductor cache."""
+"""Shared test settings: tolerances (defined once), seeds, hypothesis profiles, isolated caches."""
 
 from __future__ import annotations
 
@@ -16,6 +16,30 @@ if os.environ.get("QATPASS_TEST_CUDA") != "1":
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property tests: in CI (CI=true) every run draws the same examples and never replays a database,
+# so a failure is a code change, not a seed, and no timing (deadline, too_slow) can fail a run on a
+# busy machine; locally the default profile explores new examples and replays earlier failures
+# from .hypothesis/. HYPOTHESIS_PROFILE=ci reproduces CI locally.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def hypothesis_profile(env: dict[str, str]) -> str:
+    """The profile for an environment: HYPOTHESIS_PROFILE if set, "ci" under CI, else "default"."""
+    if env.get("HYPOTHESIS_PROFILE"):
+        return env["HYPOTHESIS_PROFILE"]
+    return "ci" if env.get("CI", "").strip().lower() in ("1", "true", "yes") else "default"
+
+
+settings.load_profile(hypothesis_profile(dict(os.environ)))
 
 # Tolerances, by what is compared.
 EXACT = {"rtol": 0.0, "atol": 0.0}

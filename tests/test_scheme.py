@@ -118,18 +118,26 @@ def test_fake_quant_equals_dequantize_quantize(scheme, dtype, n, groups, experts
     w = (torch.randn(shape, generator=g) * 2.0**log_scale).to(dtype)
     if not torch.isfinite(w).all():
         return  # fp16 overflow of the random draw itself, not the scheme's concern
-    p = quantize(w, scheme)
-    dq = dequantize(p)
     fq = qatpass.fake_quantize(w, scheme)
+    assert torch.isfinite(fq).all()
+    try:
+        p = quantize(w, scheme)
+    except ValueError as e:
+        # fp16 scales saturate at 65504 (|w| > 7 * 65504): quantize refuses, fake quant clips
+        assert scheme.scale_dtype == torch.float16 and "scales represent" in str(e)
+        return
+    dq = dequantize(p)
     assert dq.dtype == dtype and dq.shape == w.shape
     assert torch.equal(fq, dq)
-    assert torch.isfinite(dq).all()
     # error bound: |w - dq| <= scale / 2, up to the scale's own bf16 rounding (7.5 x 2^-8) and the rounding
-    # of dq to the weight dtype; (-8, 7) clips +amax from 7.5 to 7: the same half step
+    # of dq to the weight dtype; (-8, 7) clips +amax from 7.5 to 7 (and -amax from -8 to -7 where
+    # -8 * scale overflows the weight dtype): the same half step
     scales = p.scales.float().repeat_interleave(p.group_size, dim=-1)
-    ulp = dq.float().abs() * torch.finfo(dtype).eps
+    # an ulp of dq in the weight dtype, relative for normals, the fixed subnormal step below them
+    info = torch.finfo(dtype)
+    ulp = dq.float().abs() * info.eps + info.smallest_normal * info.eps
     if scheme.symmetric:
-        assert ((w.float() - dq.float()).abs() <= scales * 0.532 + ulp + 1e-30).all()
+        assert ((w.float() - dq.float()).abs() <= scales * 0.532 + ulp).all()
     # codes in range, scales positive and finite
     codes = unpack_int4(p.qweight)
     assert codes.min() >= scheme.qmin and codes.max() <= scheme.qmax
@@ -192,7 +200,77 @@ def test_zero_groups_and_extreme_magnitudes_stay_finite(dtype):
         fq = qatpass.fake_quantize(w, scheme)
         assert torch.isfinite(fq).all()
         assert torch.equal(fq[0], torch.zeros_like(fq[0]))
+        if scheme.scale_dtype == torch.float16 and info.max / 2 > 7 * 65504:
+            with pytest.raises(ValueError, match="float16 scales"):
+                quantize(w, scheme)  # the scale of row 1 would saturate
+            continue
         assert torch.equal(fq, dequantize(quantize(w, scheme)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qrange", [(-8, 7), (-7, 7)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+def test_weights_at_the_dtype_max_never_dequantize_to_inf(dtype, qrange, symmetric, scale_dtype):
+    info = torch.finfo(dtype)
+    # fp16 from 61440 under (-8, 7): -amax -> code -8 -> -8 * amax / 7.5 > 65504 (Inf before)
+    w = torch.tensor([info.max, info.max * 0.96, info.max * 0.9, 0.0]).repeat(2, 8).to(dtype)
+    w[1] = -w[1]
+    w[:, ::2] = -w[:, ::2]
+    scheme = Int4Scheme(qrange=qrange, symmetric=symmetric, scale_dtype=scale_dtype)
+    fq = qatpass.fake_quantize(w, scheme)
+    assert torch.isfinite(fq).all()
+    if not symmetric and dtype != torch.float16:
+        with pytest.raises(ValueError, match="overflows float32"):
+            quantize(w, scheme)  # max - min of a group is beyond fp32 itself
+        return
+    p = quantize(w, scheme)
+    assert torch.equal(fq, dequantize(p))
+    # the outermost code moved in one step at most: the error stays within one scale
+    scales = p.scales.float().repeat_interleave(p.group_size, dim=-1)
+    assert ((w.float() - fq.float()).abs() <= scales * (1 + 2**-7)).all()
+
+
+def test_fp16_weights_near_max_use_the_nearest_finite_code():
+    w = torch.tensor([-65504.0, 65504.0, -61440.0, 0.0] * 8, dtype=torch.float16).reshape(1, 32)
+    s = Int4Scheme(qrange=(-8, 7))  # scale = bf16(65504 / 7.5) = 8704
+    p = quantize(w, s)
+    assert p.scales.float().item() == 8704.0
+    assert unpack_int4(p.qweight)[0, :4].tolist() == [-7, 7, -7, 0]  # -8 * 8704 = -69632: Inf
+    assert dequantize(p)[0, :4].tolist() == [-60928.0, 60928.0, -60928.0, 0.0]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fp16_scale_saturation_is_refused_by_quantize(symmetric):
+    s = Int4Scheme(symmetric=symmetric, scale_dtype=torch.float16)
+    w = torch.full((2, 32), 7 * 65504.0 * 2.5)
+    w[:, ::2] = -w[:, ::2]
+    with pytest.raises(ValueError, match="beyond what float16 scales represent"):
+        quantize(w, s)
+    fq = qatpass.fake_quantize(w, s)  # fake quant saturates (clips) instead: finite, never Inf
+    assert torch.isfinite(fq).all() and fq.abs().max() <= 15 * 65504.0
+    ok = torch.full((2, 32), 7 * 65504.0)  # exactly the largest representable amax
+    assert torch.equal(dequantize(quantize(ok, s)), qatpass.fake_quantize(ok, s))
+
+
+@pytest.mark.parametrize(
+    "shape, dim, match",
+    [
+        ((), -1, "0-d tensor"),
+        ((32,), 0, "1-d tensor"),
+        ((4, 0), -1, "size 0"),
+        ((4, 32), 2, "dim 2 is out of range"),
+        ((4, 32), -3, "dim -3 is out of range"),
+    ],
+)
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_bad_shapes_and_dims_are_refused_by_name(shape, dim, match, group_size):
+    w = torch.randn(shape)
+    s = Int4Scheme(group_size=group_size)
+    with pytest.raises(ValueError, match=match):
+        quantize(w, s, dim=dim)
+    with pytest.raises(ValueError, match=match):
+        fake_quantize_values(w, s, dim=dim)
 
 
 def test_nan_weight_is_reported_on_quantize():

@@ -18,6 +18,7 @@ under `quantization_config["qatpass"]` and used on load.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -123,6 +124,7 @@ def packed_state_dict(model: nn.Module, config: QatConfig | None = None) -> dict
 
     For an inference engine's update-weights-from-tensors API; names as in the checkpoint.
     """
+    _check_finite(model)
     return _state_dict(collect_weights(model, config))
 
 
@@ -180,6 +182,20 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
     return d
 
 
+def _check_finite(model: nn.Module) -> None:
+    """Refuse a model with a NaN/Inf in any float parameter or buffer, naming the first one."""
+    if not isinstance(model, nn.Module):
+        return  # collect_weights says what is wrong
+    named = [*model.named_parameters(remove_duplicate=True), *model.named_buffers()]
+    for name, t in named:
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(
+                f"{name} (shape {list(t.shape)}) has {bad} non-finite values (NaN/Inf); "
+                "nothing is exported"
+            )
+
+
 def save_compressed_tensors(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -195,6 +211,7 @@ def save_compressed_tensors(
     when the model has one, plus `quantization_config`). All or nothing: the directory appears
     only when complete. Returns the directory.
     """
+    _check_finite(model)
     weights = collect_weights(model, config)
     if not weights.packed:
         raise ValueError("no weight of the model is quantized under this config; nothing to pack")
@@ -215,7 +232,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not cfile.is_file():
         raise FileNotFoundError(f"{path} has no config.json")
     try:
-        cfg = json.loads(cfile.read_text())
+        cfg = json.loads(cfile.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{cfile} is not UTF-8 text: {e}") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfile} is not valid JSON: {e}") from e
     if not isinstance(cfg, dict):
@@ -251,18 +270,27 @@ def _scheme_from(qc: Any, where: Path, scale_dtype: torch.dtype | None) -> Int4S
     else:
         raise ValueError(f"{where}: weight strategy {strategy!r} is not 'group' or 'channel'")
     symmetric = w.get("symmetric", True)
-    saved = (qc.get(QATPASS_KEY) or {}).get("scheme")
+    record = qc.get(QATPASS_KEY) or {}
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: quantization_config[{QATPASS_KEY!r}] must be an object")
+    saved = record.get("scheme")
     try:
         # without a qatpass record: compressed-tensors' own convention, scale = amax / 7.5
         recorded = Int4Scheme.from_dict(saved) if saved is not None else None
         scheme = Int4Scheme(
             group_size=group_size,
-            symmetric=bool(symmetric),
+            symmetric=symmetric,
             qrange=recorded.qrange if recorded else (-8, 7),
             scale_dtype=scale_dtype or (recorded.scale_dtype if recorded else torch.bfloat16),
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: quantization_config is not runnable by qatpass: {e}") from e
+    if recorded and scale_dtype is not None and recorded.scale_dtype != scale_dtype:
+        raise ValueError(
+            f"{where}: the recorded qatpass scheme has scale_dtype "
+            f"{str(recorded.scale_dtype).removeprefix('torch.')}, but the checkpoint's "
+            f"weight_scale tensors are {str(scale_dtype).removeprefix('torch.')}"
+        )
     if recorded and (recorded.group_size, recorded.symmetric) != (group_size, symmetric):
         raise ValueError(
             f"{where}: weights (group_size {group_size}, symmetric={symmetric}) disagree with the "
@@ -318,6 +346,19 @@ def _check_module(module: str, parts: dict[str, torch.Tensor], scheme: Int4Schem
     return k
 
 
+def _check_scale_values(fpath: Path, name: str, scales: torch.Tensor) -> None:
+    """Scales must be finite and positive: anything else dequantizes to wrong, finite logits."""
+    if not scales.is_floating_point():
+        raise ValueError(f"{fpath}: {name} must be a float tensor, got {scales.dtype}")
+    s = scales.float()
+    for what, bad in (("NaN/Inf", ~torch.isfinite(s)), ("zero or negative", s <= 0)):
+        if bool(bad.any()):
+            raise ValueError(
+                f"{fpath}: {name} has {int(bad.sum())} {what} scales (scales must be finite "
+                "and positive)"
+            )
+
+
 def read_checkpoint(
     path: str | os.PathLike,
 ) -> tuple[dict[str, Any], Int4Scheme, dict[str, PackedWeight], dict[str, torch.Tensor]]:
@@ -329,7 +370,14 @@ def read_checkpoint(
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory")
     cfg = _read_config(path)
-    tensors = read_tensors(path)
+    files: dict[str, str] = {}
+
+    def check(fname: str, name: str, t: torch.Tensor) -> None:
+        files[name] = fname
+        if _split_name(name)[1] == "weight_scale":
+            _check_scale_values(path / fname, name, t)
+
+    tensors = read_tensors(path, check)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     plain: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
@@ -342,9 +390,12 @@ def read_checkpoint(
         parts["weight_scale"].dtype for parts in modules.values() if "weight_scale" in parts
     }
     if len(scale_dtypes) > 1:
-        raise ValueError(
-            f"{path}: weight_scale tensors have mixed dtypes {sorted(map(str, scale_dtypes))}"
-        )
+        by_dtype = {
+            str(parts["weight_scale"].dtype): path / files[f"{m}.weight_scale"]
+            for m, parts in modules.items()
+            if "weight_scale" in parts
+        }
+        raise ValueError(f"{path}: weight_scale tensors have mixed dtypes, e.g. in {by_dtype}")
     scale_dtype = scale_dtypes.pop() if scale_dtypes else None
     if scale_dtype is not None and scale_dtype not in (
         torch.float32,
@@ -358,7 +409,11 @@ def read_checkpoint(
         dtype = scheme.scale_dtype
     packed: dict[str, PackedWeight] = {}
     for module, parts in modules.items():
-        k = _check_module(module, parts, scheme)
+        where = path / files[f"{module}.{next(iter(parts))}"]
+        try:
+            k = _check_module(module, parts, scheme)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
         n = parts["weight_packed"].shape[0]
         zp = parts.get("weight_zero_point")
         packed[module] = PackedWeight(
@@ -376,20 +431,63 @@ def read_checkpoint(
 _EXPERT_RE = re.compile(r"^(?P<experts>.+)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
 
 
-def _build_model(cfg: dict[str, Any], path: Path) -> nn.Module:
-    """An HF transformers model from config.json (random weights, replaced on load)."""
+@functools.cache
+def _model_classes() -> frozenset[str]:
+    """Names of the model classes transformers' auto mappings list (what `architectures` holds)."""
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for key, mapping in vars(modeling_auto).items():
+        if (
+            key.startswith("MODEL_")
+            and key.endswith("_MAPPING_NAMES")
+            and isinstance(mapping, dict)
+        ):
+            for value in mapping.values():
+                names.update([value] if isinstance(value, str) else value)
+    return frozenset(names)
+
+
+def _model_class(cfg: dict[str, Any], cfile: Path) -> type:
+    """The transformers model class config.json's `architectures[0]` names, refused unless it is a
+    PreTrainedModel subclass listed in transformers' auto mappings (never any other attribute)."""
     try:
         import transformers
     except ImportError as e:
         raise ImportError("loading without a model skeleton needs transformers") from e
-    archs = cfg.get("architectures") or []
-    if not archs or not hasattr(transformers, archs[0]):
+    archs = cfg.get("architectures")
+    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+        raise ValueError(f"{cfile} names no transformers architecture ({archs!r}); pass model=")
+    name = archs[0]
+    cls = getattr(transformers, name, None) if name in _model_classes() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ValueError(
-            f"{path}/config.json names no transformers architecture ({archs}); pass model="
+            f"{cfile}: architectures[0] {name!r} is not a transformers model class; pass model="
         )
+    return cls
+
+
+def _build_model(cfg: dict[str, Any], path: Path) -> nn.Module:
+    """An HF transformers model from config.json (random weights, replaced on load)."""
+    import transformers
+
+    cfile = path / "config.json"
+    cls = _model_class(cfg, cfile)
     d = {k: v for k, v in cfg.items() if k != "quantization_config"}
-    hf_config = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
-    model = getattr(transformers, archs[0])(hf_config)
+    model_type = d.pop("model_type", None)
+    if not isinstance(model_type, str):
+        raise ValueError(f"{cfile} has no model_type (needed to build {cls.__name__}); pass model=")
+    expected = getattr(getattr(cls, "config_class", None), "model_type", model_type)
+    if model_type != expected:
+        raise ValueError(
+            f"{cfile}: architectures[0] {cls.__name__} is a {expected!r} model, but model_type is "
+            f"{model_type!r}"
+        )
+    try:
+        hf_config = transformers.AutoConfig.for_model(model_type, **d)
+        model = cls(hf_config)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{cfile}: transformers cannot build {cls.__name__} from it: {e}") from e
     dtype = cfg.get("dtype") or cfg.get("torch_dtype")
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
         model = model.to(getattr(torch, dtype))

@@ -7,6 +7,7 @@ never leaves a half-written directory; an existing non-empty directory is only r
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -14,7 +15,8 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from glob import escape as glob_escape
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,8 +27,10 @@ __all__ = [
     "INDEX_FILE",
     "parse_size",
     "atomic_dir",
+    "recover_interrupted",
     "write_shards",
     "read_tensors",
+    "check_member_name",
 ]
 
 SINGLE_FILE = "model.safetensors"
@@ -53,32 +57,135 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+def _tmp_name(out: Path, tag: str) -> str:
+    return f".{out.name}.tmp-{tag}"
+
+
+def _backup_name(out: Path, tag: str) -> str:
+    return f".{out.name}.old-{tag}"
+
+
+def _locked(path: Path) -> int | None:
+    """An fd holding an exclusive flock on directory `path`, or None when another process holds it.
+
+    Every save holds the lock on its temporary directory until it is done; the kernel drops it when
+    the process dies (kill -9 included), so an unlocked temporary directory is a dead save's.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def recover_interrupted(out_dir: str | os.PathLike) -> list[Path]:
+    """Undo what killed saves of `out_dir` left next to it; return the paths removed or restored.
+
+    A save writes `.<name>.tmp-<tag>/`, then (overwrite) renames `<name>` to `.<name>.old-<tag>`,
+    renames the temporary directory to `<name>` and deletes the backup. Killed before the second
+    rename, `<name>` is missing while both siblings exist: the backup is renamed back (that save
+    never returned, so the old checkpoint is the current one). Every other leftover of a dead save
+    (its unfinished temporary directory, a backup that was being deleted) is removed. Directories
+    of a save still running (its lock is held) are left alone.
+    """
+    out = Path(out_dir)
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        return []
+    touched: list[Path] = []
+    prefix = f".{out.name}.tmp-"
+    for tmp in sorted(parent.glob(f"{glob_escape(prefix)}*")):
+        tag = tmp.name[len(prefix) :]
+        if not tmp.is_dir() or tmp.is_symlink():
+            continue
+        try:
+            fd = _locked(tmp)
+        except OSError:
+            continue  # renamed into place meanwhile, or not ours to open
+        if fd is None:
+            continue  # a save in progress
+        try:
+            backup = parent / _backup_name(out, tag)
+            if backup.is_dir() and not out.exists():
+                os.rename(backup, out)
+                touched.append(out)
+            shutil.rmtree(tmp)
+            touched.append(tmp)
+        except OSError:
+            continue  # best effort: a leftover we cannot remove never blocks a save
+        finally:
+            os.close(fd)
+    for backup in sorted(parent.glob(f"{glob_escape(f'.{out.name}.old-')}*")):
+        tag = backup.name[len(f".{out.name}.old-") :]
+        if (parent / _tmp_name(out, tag)).exists() or not backup.is_dir() or backup.is_symlink():
+            continue  # its save is running (or was just handled above)
+        if not out.exists():
+            continue  # never delete the only copy; a save of out_dir restores it (see above)
+        shutil.rmtree(backup, ignore_errors=True)  # its own save may be deleting it too
+        touched.append(backup)
+    return touched
+
+
 @contextmanager
 def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes `out_dir` when the block succeeds."""
+    """Yield a fresh temporary directory that becomes `out_dir` when the block succeeds.
+
+    Safe under kill -9 at any point: `out_dir` is either the old checkpoint or the new one, except
+    between the two renames of an overwrite, which the next save of `out_dir` (or
+    `recover_interrupted`) rolls back; leftovers of killed saves are cleaned up on entry.
+    """
     out = Path(out_dir)
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        recover_interrupted(out)
+    except OSError as e:
+        raise PermissionError(f"cannot write the checkpoint directory {out}: {e}") from e
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
-    parent = out.absolute().parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_name(out, ""), dir=parent))
+        fd = _locked(tmp)
     except OSError as e:
         raise PermissionError(f"cannot write the checkpoint directory {out}: {e}") from e
+    assert fd is not None  # a directory just made by this process
+    backup = parent / _backup_name(out, tmp.name[len(_tmp_name(out, "")) :])
     try:
         yield tmp
-        old = None
+        _fsync_tree(tmp)
         if out.exists():
-            old = parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-            os.rename(out, old)
+            os.rename(out, backup)
         os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(parent)
+        shutil.rmtree(backup, ignore_errors=True)
     except BaseException:
+        if backup.exists() and not out.exists():
+            os.rename(backup, out)  # failed (or interrupted) between the renames: put it back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file of `root` and the directory itself, so a rename publishes whole files."""
+    for f in root.iterdir():
+        if f.is_file() and not f.is_symlink():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(root)
 
 
 def write_shards(
@@ -116,16 +223,40 @@ def write_shards(
     return names
 
 
+def check_member_name(fname: object, where: Path) -> str:
+    """`fname` if it names a file inside the checkpoint directory, else a ValueError naming `where`.
+
+    Checked on the name, not on where it resolves: a file that is a symlink to elsewhere (the
+    Hugging Face hub cache links snapshot files to its blobs) still loads.
+    """
+    if not isinstance(fname, str) or not fname:
+        raise ValueError(f"{where}: shard file names must be non-empty strings, got {fname!r}")
+    parts = PurePosixPath(fname).parts
+    if (
+        "\\" in fname
+        or "\0" in fname
+        or PurePosixPath(fname).is_absolute()
+        or PureWindowsPath(fname).drive
+        or any(part in ("..", ".") for part in parts)
+    ):
+        raise ValueError(
+            f"{where} names {fname!r}, which is not a file inside the checkpoint directory"
+        )
+    return fname
+
+
 def _weight_map(path: Path) -> dict[str, str]:
     index = path / INDEX_FILE
     if index.is_file():
         try:
-            data = json.loads(index.read_text())
+            data = json.loads(index.read_bytes().decode("utf-8"))
             weight_map = data["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index} is not a valid safetensors index: {e}") from e
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: weight_map must be a dict")
+        for fname in weight_map.values():
+            check_member_name(fname, index)
         return weight_map
     if (path / SINGLE_FILE).is_file():
         return {}

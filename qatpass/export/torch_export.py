@@ -317,7 +317,14 @@ def to_pt2(
 
 
 def load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
-    """Load a .pt2 written by `to_pt2` (registers the qatpass ops first)."""
+    """Load a .pt2 written by `to_pt2` (registers the qatpass ops first). Trusted files only.
+
+    `torch.export.load` unpickles parts of the file, and unpickling runs code: a crafted .pt2 can
+    execute anything as the loading user, and its graph can call any registered op with any
+    arguments. Load only .pt2 files you (or someone you trust) wrote. To take weights from an
+    untrusted source use a compressed-tensors checkpoint (`load_compressed_tensors`): it reads
+    safetensors (no pickle) and validates every tensor and config.json field before use.
+    """
     import qatpass.lowering  # noqa: F401  (registers torch.ops.qatpass.w4a16_linear)
 
     path = Path(path)
