@@ -77,7 +77,8 @@ def test_a_frame_dynamo_runs_eagerly_is_not_silent(caplog):
     """Past Dynamo's recompile limit a frame runs eagerly, i.e. unquantized: an ERROR or a raise."""
     torch.manual_seed(0)
     model = TwoLinears()
-    cmodel = torch.compile(model, backend=qatpass.backend(compiler="aot_eager"), dynamic=False)
+    qat = Counting(qatpass.backend(compiler="aot_eager"))
+    cmodel = torch.compile(model, backend=qat, dynamic=False)
     raised = None
     with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.ERROR):
         cmodel(torch.randn(2, 64))
@@ -85,6 +86,9 @@ def test_a_frame_dynamo_runs_eagerly_is_not_silent(caplog):
             cmodel(torch.randn(3, 64))  # a new static shape: over the limit, runs eagerly
         except Exception as e:  # noqa: BLE001  (raising is one of the two allowed answers)
             raised = e
+    assert qat.graphs == 1, (
+        f"the test needs Dynamo to give up on the 2nd shape: {qat.graphs} graphs"
+    )
     errors = [
         r for r in caplog.records if r.name.startswith("qatpass") and r.levelno >= logging.ERROR
     ]

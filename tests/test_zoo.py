@@ -38,7 +38,8 @@ from conftest import ACCUM
 
 ort = pytest.importorskip("onnxruntime")
 
-CASES = [pytest.param(c, id=c.name) for c in ZOO]
+# with `--dist loadgroup` an architecture's tests share one worker, so it trains once
+CASES = [pytest.param(c, id=c.name, marks=pytest.mark.xdist_group(c.name)) for c in ZOO]
 GROUP_SIZE = 32  # the default group
 FP32 = ACCUM[torch.float32]
 # onnxruntime's MatMulNBits accumulates in its own block order (see tests/test_export_onnx.py)
@@ -103,7 +104,7 @@ def served_names(qmodel: nn.Module) -> list[str]:
 
 @pytest.mark.parametrize("case", CASES)
 def test_expected_weights_exist_and_divide_by_the_group(case):
-    """The hand-written expectation names real parameters, each divisible along its reduction dim."""
+    """The hand-written expectation names parameters, each divisible along its reduction dim."""
     params = dict(case.model().named_parameters())
     missing = sorted(set(case.expected) - set(params))
     assert not missing, f"{case}: expected weights that are not parameters: {missing}"
@@ -172,6 +173,10 @@ def test_backend_plan_is_the_expected_set(case):
     assert not overlap, f"{case}: weights both planned and skipped: {overlap}"
     for n, s in plan.skipped.items():
         assert s.reason, f"{case}: {n} skipped without a reason"
+    for aliases in case.left_alone:  # the head (or the embedding tied to it), MoE routers
+        hits = [a for a in aliases if a in plan.skipped]
+        assert hits, f"{case}: the matmul weight {aliases} left in high precision is not in skipped"
+        assert plan.skipped[hits[0]].matmul_weight, f"{case}: {hits[0]} not marked a matmul weight"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -208,7 +213,8 @@ def test_convert_with_plan_serves_the_training_forward(case):
         same = torch.equal(p, before[n])
         assert same, f"{case}: convert changed the model's {n}"
     assert served_names(qmodel) == sorted(case.expected), (
-        f"{case}: convert(plan=b.plan) packs {named_diff(served_names(qmodel), list(case.expected))}"
+        f"{case}: convert(plan=b.plan) packs "
+        f"{named_diff(served_names(qmodel), list(case.expected))}"
     )
     with torch.no_grad():
         served = output_tensors(call(qmodel, t.inputs))
@@ -252,8 +258,7 @@ def test_compressed_tensors_reload_equals_convert(case, tmp_path):
 # ----------------------------------------------------------------------------- 5. ONNX
 
 
-def run_ort(path, inputs: Inputs) -> list[np.ndarray]:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def run_ort(sess, inputs: Inputs) -> list[np.ndarray]:
     names = [i.name for i in sess.get_inputs()]
     if isinstance(inputs, dict):
         assert set(names) <= set(inputs), f"ONNX inputs {names}, given {sorted(inputs)}"
@@ -269,11 +274,12 @@ def test_onnx_of_the_hf_model_as_is_matches_torch(case, tmp_path):
     t = trained(case)
     qmodel = converted(case)
     path = qatpass.export.to_onnx(qmodel, t.inputs, tmp_path / "model.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     # the exported shape, then another batch (and sequence length): the dims are dynamic
     for inputs in (t.inputs, case.inputs(batch=3, seq=11 if case.seq_dynamic else 8, seed=1)):
         with torch.no_grad():
             want = output_tensors(call(qmodel, inputs))[0].numpy()
-        got = run_ort(path, inputs)[0]
+        got = run_ort(sess, inputs)[0]
         assert got.shape == want.shape, (
             f"{case}: onnxruntime output {got.shape}, torch {want.shape}"
         )

@@ -5,7 +5,8 @@ and states the weights the default policy must quantize, with the reduction dim 
 parameter's own coordinates. The expected sets are written by hand from each architecture's
 module structure, independently of qatpass's selection: every matmul weight of the blocks (also a
 pooler's dense layer), never an embedding (also when tied to the head), the LM head, an MoE router,
-a norm, a bias or a convolution. The configs keep every such weight's reduction dim a multiple of
+a norm, a bias or a convolution; `left_alone` names the matmul weights that stay high precision
+(the head, MoE routers). The configs keep every such weight's reduction dim a multiple of
 the default group size (32).
 """
 
@@ -39,6 +40,7 @@ MOE = {"num_experts_per_tok": 2}
 IMAGE = 32  # ViT: 32x32 RGB images, 8x8 patches
 EXPERTS_IMPLEMENTATION = "grouped_mm"  # transformers' "eager" experts loop is not captured
 
+LAYER = "model.layers.{i}."
 Inputs = tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 
 
@@ -50,6 +52,8 @@ class ZooCase:
     build: Callable[[], nn.Module]
     make_inputs: Callable[[int, int, torch.Generator], Inputs]
     expected: dict[str, int]
+    # matmul weights that stay high precision (the head, MoE routers), each as its alias names
+    left_alone: tuple[tuple[str, ...], ...] = ()
     seq_dynamic: bool = True  # False: the inputs have no sequence dim (images)
 
     def model(self) -> nn.Module:
@@ -114,6 +118,18 @@ DEEPSEEK_ATTN = linears(
 )
 
 
+HEAD = (("lm_head.weight",),)
+
+
+def tied(embedding: str, *aliases: str) -> tuple[tuple[str, ...], ...]:
+    """A head tied to an embedding: one tensor, known by either name."""
+    return ((embedding, "lm_head.weight", *aliases),)
+
+
+def routers(name: str, layers: range | list[int] = range(LAYERS)) -> tuple[tuple[str, ...], ...]:
+    return tuple((LAYER.format(i=i) + name,) for i in layers)
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -157,37 +173,41 @@ def _decoder(model_cls, config_cls, **kwargs) -> Callable[[], nn.Module]:
 
 
 T = transformers
-LAYER = "model.layers.{i}."
 ZOO: list[ZooCase] = [
     ZooCase(
         "llama",
         _decoder(T.LlamaForCausalLM, T.LlamaConfig),
         token_ids,
         per_layer(LAYER, LLAMA_BLOCK),
+        left_alone=HEAD,
     ),
     ZooCase(
         "llama_tied",
         _decoder(T.LlamaForCausalLM, T.LlamaConfig, tie_word_embeddings=True),
         token_ids,
         per_layer(LAYER, LLAMA_BLOCK),
+        left_alone=tied("model.embed_tokens.weight"),
     ),
     ZooCase(
         "mistral",
         _decoder(T.MistralForCausalLM, T.MistralConfig, head_dim=16),
         token_ids,
         per_layer(LAYER, LLAMA_BLOCK),
+        left_alone=HEAD,
     ),
     ZooCase(
         "qwen2",  # q/k/v with bias
         _decoder(T.Qwen2ForCausalLM, T.Qwen2Config),
         token_ids,
         per_layer(LAYER, LLAMA_BLOCK),
+        left_alone=HEAD,
     ),
     ZooCase(
         "qwen3",  # q/k norms
         _decoder(T.Qwen3ForCausalLM, T.Qwen3Config, head_dim=16),
         token_ids,
         per_layer(LAYER, LLAMA_BLOCK),
+        left_alone=HEAD,
     ),
     ZooCase(
         "phi3",  # fused qkv_proj and gate_up_proj
@@ -197,12 +217,14 @@ ZOO: list[ZooCase] = [
             LAYER,
             linears("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
         ),
+        left_alone=HEAD,
     ),
     ZooCase(
         "gemma3",  # tied by default, scaled embedding, q/k norms
         _decoder(T.Gemma3ForCausalLM, T.Gemma3TextConfig, head_dim=16),
         token_ids,
         per_layer(LAYER, LLAMA_BLOCK),
+        left_alone=tied("model.embed_tokens.weight"),
     ),
     ZooCase(
         "opt",  # tied by default, learned positions
@@ -230,6 +252,7 @@ ZOO: list[ZooCase] = [
                 "fc2",
             ),
         ),
+        left_alone=tied("model.decoder.embed_tokens.weight"),
     ),
     ZooCase(
         "gpt_neox",
@@ -254,6 +277,7 @@ ZOO: list[ZooCase] = [
                 "mlp.dense_4h_to_h",
             ),
         ),
+        left_alone=HEAD,
     ),
     ZooCase(
         "gpt2",  # Conv1D, tied wte
@@ -264,6 +288,7 @@ ZOO: list[ZooCase] = [
         ),
         token_ids,
         per_layer("transformer.h.{i}.", GPT2_BLOCK),
+        left_alone=tied("transformer.wte.weight"),
     ),
     ZooCase(
         "falcon",  # tied word_embeddings, multi-query fused qkv
@@ -278,6 +303,7 @@ ZOO: list[ZooCase] = [
         ),
         token_ids,
         per_layer("transformer.h.{i}.", FUSED_QKV_BLOCK),
+        left_alone=tied("transformer.word_embeddings.weight"),
     ),
     ZooCase(
         "bloom",  # tied word_embeddings, alibi
@@ -286,6 +312,7 @@ ZOO: list[ZooCase] = [
         ),
         token_ids,
         per_layer("transformer.h.{i}.", FUSED_QKV_BLOCK),
+        left_alone=tied("transformer.word_embeddings.weight"),
     ),
     ZooCase(
         "bert",  # encoder with a pooler; padded attention mask
@@ -349,12 +376,16 @@ ZOO: list[ZooCase] = [
                 },
             ),
         },
+        left_alone=tied(
+            "shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"
+        ),
     ),
     ZooCase(
         "mixtral",
         _moe(T.MixtralForCausalLM, T.MixtralConfig, num_local_experts=4),
         token_ids,
         per_layer(LAYER, {**ATTN, **HF_EXPERTS}),
+        left_alone=HEAD + routers("mlp.gate.weight"),
     ),
     ZooCase(
         "qwen3_moe",
@@ -367,12 +398,14 @@ ZOO: list[ZooCase] = [
         ),
         token_ids,
         per_layer(LAYER, {**ATTN, **HF_EXPERTS}),
+        left_alone=HEAD + routers("mlp.gate.weight"),
     ),
     ZooCase(
         "olmoe",
         _moe(T.OlmoeForCausalLM, T.OlmoeConfig, num_experts=4),
         token_ids,
         per_layer(LAYER, {**ATTN, **HF_EXPERTS}),
+        left_alone=HEAD + routers("mlp.gate.weight"),
     ),
     ZooCase(
         "deepseek_v3",  # MLA attention, layer 0 dense, layer 1 routed + shared experts
@@ -409,12 +442,14 @@ ZOO: list[ZooCase] = [
                 [1],
             ),
         },
+        left_alone=HEAD + routers("mlp.gate.weight", [1]),
     ),
     ZooCase(
         "gpt_oss",  # transposed experts with biases, router with bias, attention sinks
         _moe(T.GptOssForCausalLM, T.GptOssConfig, num_local_experts=4, head_dim=16),
         token_ids,
         per_layer(LAYER, {**ATTN, **GPT_OSS_EXPERTS}),
+        left_alone=HEAD + routers("mlp.router.weight"),
     ),
     ZooCase(
         "vit",  # conv patch embedding, pooler
