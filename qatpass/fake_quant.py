@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from qatpass.scheme import Int4Scheme, fake_quantize_values
+from qatpass.scheme import Int4Scheme, check_dim, fake_quantize_values
 
 __all__ = ["fake_quantize"]
 
@@ -58,4 +58,4 @@ def fake_quantize(w: torch.Tensor, scheme: Int4Scheme | None = None, dim: int = 
     scheme = scheme or Int4Scheme()
     if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"fake_quantize needs a float32/bfloat16/float16 tensor, got {w.dtype}")
-    return torch.ops.qatpass.fake_quantize_int4(w, dim=dim % w.dim(), **scheme_kwargs(scheme))
+    return torch.ops.qatpass.fake_quantize_int4(w, dim=check_dim(w, dim), **scheme_kwargs(scheme))

@@ -130,7 +130,10 @@ def collect_weights(model: nn.Module, config: QatConfig | None = None) -> ModelW
         for s in selected:
             if s.fqn in consumed:
                 continue
-            p = quantize(params[s.fqn].detach(), scheme, dim=s.dim)
+            try:
+                p = quantize(params[s.fqn].detach(), scheme, dim=s.dim)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"{s.fqn}: {e}") from e
             entries.append(PackedEntry(s.module_name, s.attr, s.kind, p))
             consumed.add(s.fqn)
     tensors = {k: v.detach() for k, v in state.items() if k not in consumed}
