@@ -9,13 +9,18 @@ code = nibble - 8 and the nibble of k at bits 4 * (k % 8) of int32 word k // 8, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import optimization_hint
+from torch.library import wrap_triton
 
 from qatpass.packed_args import check_packed_args
 
@@ -65,7 +70,8 @@ def load_dequant(
     mask = mask_n[None, :] if EVEN_K else mask_n[None, :] & (offs_b[:, None] < K // 2)
     # int64 row offsets: N * K / 2 bytes can pass 2**31 (large vocab heads).
     rows = offs_n.to(tl.int64)[None, :] * stride_qn
-    packed = tl.load(qbytes_ptr + rows + offs_b[:, None], mask=mask, other=0).to(tl.int32)
+    ptrs = qbytes_ptr + rows + offs_b[:, None]
+    packed = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
     nibbles = tl.join((packed & 0xF) | MAGIC_BITS, (packed >> 4) | MAGIC_BITS)  # [BK/2, BN, 2]
     nibbles = tl.reshape(tl.permute(nibbles, (0, 2, 1)), (BLOCK_K, BLOCK_N))
     biased = nibbles.to(tl.float32, bitcast=True)
@@ -135,7 +141,8 @@ def gemv_row(
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = mask_n[:, None] if EVEN_K else mask_n[:, None] & (offs_b[None, :] < K // 2)
-        packed = tl.load(qbytes_ptr + rows + offs_b[None, :], mask=mask, other=0).to(tl.int32)
+        ptrs = qbytes_ptr + rows + offs_b[None, :]
+        packed = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
         nibbles = tl.join((packed & 0xF) | MAGIC_BITS, (packed >> 4) | MAGIC_BITS)
         biased = tl.reshape(nibbles, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)
         if GROUP_SIZE % BLOCK_K == 0:
@@ -218,8 +225,45 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a launcher issued it: the kernel, its grid and its arguments."""
+
+    kernel: Any
+    grid: Any  # a tuple, or a callable of the config's meta-parameters (autotuned kernels)
+    kwargs: dict
+
+
+# While `capture_launches` is active: launches are recorded here instead of run, and num_sms
+# reports the SM count it was given (static analysis of what a GPU would run, on meta tensors).
+_captured: list[Launch] | None = None
+_assumed_sms: int | None = None
+
+
+@contextlib.contextmanager
+def capture_launches(sms: int) -> Iterator[list[Launch]]:
+    """Record (do not run) every kernel launch inside, as on a GPU with `sms` SMs."""
+    global _captured, _assumed_sms
+    saved = _captured, _assumed_sms
+    _captured, _assumed_sms = [], sms
+    try:
+        yield _captured
+    finally:
+        _captured, _assumed_sms = saved
+
+
+def launch(kernel, grid: tuple | Callable, kwargs: dict) -> None:
+    """Run `kernel[grid](**kwargs)` through wrap_triton (traceable), or record it."""
+    if _captured is not None:
+        _captured.append(Launch(kernel, grid, kwargs))
+        return
+    wrap_triton(kernel)[grid](**kwargs)
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; a small stand-in elsewhere."""
+    if _assumed_sms is not None:
+        return _assumed_sms
     if device.type == "cuda" and not interpreting():
         return _cuda_sm_count(device.index if device.index is not None else 0)
     return INTERPRETER_NUM_SMS

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from qatpass.kernels.triton.common import (
     cast_rne,
@@ -21,6 +20,7 @@ from qatpass.kernels.triton.common import (
     even_k,
     fitting_configs,
     interpreting,
+    launch,
     load_dequant,
     next_power_of_2,
     num_sms,
@@ -192,32 +192,36 @@ def w4a16_gemm(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), split_k)
 
-    wrap_triton(w4a16_gemm_kernel)[grid](
-        x_ptr=x,
-        qbytes_ptr=qweight.view(torch.uint8),
-        scales_ptr=scales,
-        zeros_ptr=zeros,
-        bias_ptr=bias,
-        out_ptr=out,
-        M=m,
-        N=n,
-        K=k,
-        M_BUCKET=gemm_m_bucket(size_hint(m)),
-        stride_xm=x.stride(0),
-        stride_xk=x.stride(1),
-        stride_qn=qweight.stride(0) * 4,
-        stride_sn=scales.stride(0),
-        stride_zn=0 if zeros is None else zeros.stride(0),
-        stride_om=out.stride(-2),
-        stride_on=out.stride(-1),
-        stride_os=stride_os,
-        GROUP_SIZE=group_size,
-        HAS_ZEROS=zeros is not None,
-        HAS_BIAS=bias is not None,
-        SPLIT_K=split_k,
-        EVEN_K=even_k(k),
-        DOT_FP32=use_fp32_dot(x),
-        INTERPRET=interpreting(),
+    launch(
+        w4a16_gemm_kernel,
+        grid,
+        dict(
+            x_ptr=x,
+            qbytes_ptr=qweight.view(torch.uint8),
+            scales_ptr=scales,
+            zeros_ptr=zeros,
+            bias_ptr=bias,
+            out_ptr=out,
+            M=m,
+            N=n,
+            K=k,
+            M_BUCKET=gemm_m_bucket(size_hint(m)),
+            stride_xm=x.stride(0),
+            stride_xk=x.stride(1),
+            stride_qn=qweight.stride(0) * 4,
+            stride_sn=scales.stride(0),
+            stride_zn=0 if zeros is None else zeros.stride(0),
+            stride_om=out.stride(-2),
+            stride_on=out.stride(-1),
+            stride_os=stride_os,
+            GROUP_SIZE=group_size,
+            HAS_ZEROS=zeros is not None,
+            HAS_BIAS=bias is not None,
+            SPLIT_K=split_k,
+            EVEN_K=even_k(k),
+            DOT_FP32=use_fp32_dot(x),
+            INTERPRET=interpreting(),
+        ),
     )
     if split_k == 1:
         return out

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from qatpass.kernels.triton.common import (
     cast_rne,
@@ -23,6 +22,7 @@ from qatpass.kernels.triton.common import (
     fitting_configs,
     gemv_row,
     interpreting,
+    launch,
     next_power_of_2,
     num_sms,
     size_hint,
@@ -156,29 +156,33 @@ def w4a16_gemv(
     def grid(meta):
         return (m, triton.cdiv(n, meta["BLOCK_N"]), split_k)
 
-    wrap_triton(w4a16_gemv_kernel)[grid](
-        x_ptr=x,
-        qbytes_ptr=qweight.view(torch.uint8),
-        scales_ptr=scales,
-        zeros_ptr=zeros,
-        bias_ptr=bias,
-        out_ptr=out,
-        N=n,
-        K=k,
-        stride_xm=x.stride(0),
-        stride_xk=x.stride(1),
-        stride_qn=qweight.stride(0) * 4,
-        stride_sn=scales.stride(0),
-        stride_zn=0 if zeros is None else zeros.stride(0),
-        stride_om=out.stride(-2),
-        stride_on=out.stride(-1),
-        stride_os=stride_os,
-        GROUP_SIZE=group_size,
-        HAS_ZEROS=zeros is not None,
-        HAS_BIAS=bias is not None,
-        SPLIT_K=split_k,
-        EVEN_K=even_k(k),
-        INTERPRET=interpreting(),
+    launch(
+        w4a16_gemv_kernel,
+        grid,
+        dict(
+            x_ptr=x,
+            qbytes_ptr=qweight.view(torch.uint8),
+            scales_ptr=scales,
+            zeros_ptr=zeros,
+            bias_ptr=bias,
+            out_ptr=out,
+            N=n,
+            K=k,
+            stride_xm=x.stride(0),
+            stride_xk=x.stride(1),
+            stride_qn=qweight.stride(0) * 4,
+            stride_sn=scales.stride(0),
+            stride_zn=0 if zeros is None else zeros.stride(0),
+            stride_om=out.stride(-2),
+            stride_on=out.stride(-1),
+            stride_os=stride_os,
+            GROUP_SIZE=group_size,
+            HAS_ZEROS=zeros is not None,
+            HAS_BIAS=bias is not None,
+            SPLIT_K=split_k,
+            EVEN_K=even_k(k),
+            INTERPRET=interpreting(),
+        ),
     )
     if split_k == 1:
         return out

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from qatpass.kernels.triton.common import (
     cast_rne,
@@ -21,6 +20,7 @@ from qatpass.kernels.triton.common import (
     fitting_configs,
     gemv_row,
     interpreting,
+    launch,
     next_power_of_2,
     size_hint,
 )
@@ -139,33 +139,37 @@ def w4a16_grouped(
     def grid(meta):
         return (t, triton.cdiv(n, meta["BLOCK_N"]))
 
-    wrap_triton(w4a16_grouped_kernel)[grid](
-        x_ptr=x,
-        expert_ids_ptr=expert_ids,
-        qbytes_ptr=qweight.view(torch.uint8),
-        scales_ptr=scales,
-        zeros_ptr=zeros,
-        bias_ptr=bias,
-        out_ptr=out,
-        N=n,
-        K=k,
-        E=e,
-        T_BUCKET=grouped_t_bucket(size_hint(t)),
-        stride_xt=x.stride(0),
-        stride_xk=x.stride(1),
-        stride_qe=qweight.stride(0) * 4,
-        stride_qn=qweight.stride(1) * 4,
-        stride_se=scales.stride(0),
-        stride_sn=scales.stride(1),
-        stride_ze=0 if zeros is None else zeros.stride(0),
-        stride_zn=0 if zeros is None else zeros.stride(1),
-        stride_be=0 if bias is None else bias.stride(0),
-        GROUP_SIZE=group_size,
-        HAS_ZEROS=zeros is not None,
-        HAS_BIAS=bias is not None,
-        EVEN_K=even_k(k),
-        INTERPRET=interpreting(),
-        stride_ot=out.stride(0),
-        stride_on=out.stride(1),
+    launch(
+        w4a16_grouped_kernel,
+        grid,
+        dict(
+            x_ptr=x,
+            expert_ids_ptr=expert_ids,
+            qbytes_ptr=qweight.view(torch.uint8),
+            scales_ptr=scales,
+            zeros_ptr=zeros,
+            bias_ptr=bias,
+            out_ptr=out,
+            N=n,
+            K=k,
+            E=e,
+            T_BUCKET=grouped_t_bucket(size_hint(t)),
+            stride_xt=x.stride(0),
+            stride_xk=x.stride(1),
+            stride_qe=qweight.stride(0) * 4,
+            stride_qn=qweight.stride(1) * 4,
+            stride_se=scales.stride(0),
+            stride_sn=scales.stride(1),
+            stride_ze=0 if zeros is None else zeros.stride(0),
+            stride_zn=0 if zeros is None else zeros.stride(1),
+            stride_be=0 if bias is None else bias.stride(0),
+            GROUP_SIZE=group_size,
+            HAS_ZEROS=zeros is not None,
+            HAS_BIAS=bias is not None,
+            EVEN_K=even_k(k),
+            INTERPRET=interpreting(),
+            stride_ot=out.stride(0),
+            stride_on=out.stride(1),
+        ),
     )
     return out
