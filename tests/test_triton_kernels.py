@@ -155,28 +155,61 @@ def test_splitk_reduce_sums_in_order_and_casts():
     torch.testing.assert_close(out, ref, **EXACT)
 
 
-@pytest.mark.parametrize(
-    ("module", "kernel", "configs", "m"),
-    [
-        (gemv, "w4a16_gemv_kernel", gemv.GEMV_CONFIGS, 1),
-        (gemm, "w4a16_gemm_kernel", gemm.GEMM_CONFIGS, 17),
-    ],
-    ids=["gemv", "gemm"],
-)
 @pytest.mark.parametrize(("n", "k", "group_size"), [(72, 128, 32), (24, 1024, 128)])
-def test_every_autotune_config_is_correct(
-    monkeypatch, module, kernel, configs, m, n, k, group_size
-):
+def test_every_gemm_autotune_config_is_correct(monkeypatch, n, k, group_size):
     """The interpreter runs one config per shape; force each GPU config once instead
     (K = 1024 takes the unmasked EVEN_K path, as real model shapes do)."""
     p, (qweight, scales, zeros) = _packed((n, k), group_size, symmetric=False)
-    x = torch.randn(m, k, dtype=torch.float16, device=DEVICE)
+    x = torch.randn(17, k, dtype=torch.float16, device=DEVICE)
     ref = _reference(x, p)
-    autotuner = getattr(module, kernel)
-    for config in configs:
-        monkeypatch.setattr(autotuner, "configs", [config])
+    for config in gemm.GEMM_CONFIGS:
+        monkeypatch.setattr(gemm.w4a16_gemm_kernel, "configs", [config])
         y = w4a16_matmul(x, qweight, scales, zeros, group_size=group_size)
         torch.testing.assert_close(y.float(), ref, **ACCUM[torch.float16], msg=str(config))
+
+
+def _check_gemv(y, x, p, bias=None):
+    """The GEMV's numerics (gemv.py): weights rounded to x.dtype as `dequantize(p, x.dtype)`
+    rounds them, exact products, fp32 sums. So y is within one output rounding of the float64
+    product with those weights, plus 2^-20 of the sum of |products| (fp32 sums, any order)."""
+    w = qatpass.dequantize(p, dtype=x.dtype).double().to(x.device)
+    ref = x.double() @ w.T + (0.0 if bias is None else bias.double())
+    magnitude = x.double().abs() @ w.abs().T
+    ulp = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 0.0}[x.dtype]
+    err = (y.double() - ref).abs()
+    bound = ref.abs() * ulp + magnitude * 2**-20 + 1e-30
+    assert y.dtype == x.dtype and bool((err <= bound).all()), float((err - bound).max())
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "group_size"),
+    [(72, 256, 32), (40, 160, 32), (33, 1024, 128), (24, 192, -1), (16, 512, 8), (9, 96, 16)],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("symmetric", "with_bias"), [(True, False), (False, True)])
+def test_gemv_exact_products_one_scale_per_group(n, k, group_size, dtype, symmetric, with_bias):
+    """Odd N and K (masks), every group path: G < 32 (several groups per thread), G = 32,
+    G = 128 (a tile within a group), per channel; zeros and bias."""
+    p, (qweight, scales, zeros) = _packed((n, k), group_size, symmetric=symmetric)
+    x = torch.randn(1, k, dtype=dtype, device=DEVICE)
+    bias = torch.randn(n, dtype=dtype, device=DEVICE) if with_bias else None
+    g = k if group_size == -1 else group_size
+    _check_gemv(gemv.w4a16_gemv(x, qweight, scales, zeros, group_size=g, bias=bias), x, p, bias)
+
+
+@pytest.mark.parametrize(("block_n", "block_k"), [(16, 512), (32, 256), (64, 128), (128, 32)])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_every_gemv_tile_is_correct(block_n, block_k, split_k):
+    """Each tile the plan can pick, with several K steps per split (prefetch, unroll by 2 with
+    a remainder step) and a split count that does not divide the steps."""
+    from qatpass.kernels.triton.plan import gemv_tile_plan
+
+    n, k = 48, 2560
+    p, (qweight, scales, zeros) = _packed((n, k), 32, symmetric=False)
+    x = torch.randn(1, k, dtype=torch.bfloat16, device=DEVICE)
+    plan = gemv_tile_plan(1, n, k, block_n, block_k, split_k)
+    y = gemv.w4a16_gemv(x, qweight, scales, zeros, group_size=32, plan=plan)
+    _check_gemv(y, x, p)
 
 
 @pytest.mark.parametrize("m", [1, 20])
@@ -381,12 +414,8 @@ def test_choose_split_k(tiles, k_blocks, sms, expected):
 
 
 def test_pruning_drops_what_does_not_fit_and_keeps_one():
-    args = {"N": 4096, "K": 64, "GROUP_SIZE": 128, "INTERPRET": False}
-    kept = gemv.prune_gemv_configs(gemv.GEMV_CONFIGS, args)
-    assert kept and all(c.kwargs["BLOCK_K"] <= 64 for c in kept)
     # group size 32: only tiles within one group along K survive (no per-element scale gather)
     for prune, configs in (
-        (gemv.prune_gemv_configs, gemv.GEMV_CONFIGS),
         (gemm.prune_gemm_configs, gemm.GEMM_CONFIGS),
         (grouped.prune_grouped_configs, grouped.GROUPED_CONFIGS),
     ):
@@ -416,11 +445,11 @@ TRACE_SCRIPT = textwrap.dedent(
     from qatpass.kernels.triton.gemv import w4a16_gemv
     from qatpass.kernels.triton.grouped import w4a16_grouped
 
-    p = qatpass.quantize(torch.randn(40, 128), qatpass.Int4Scheme())
-    pe = qatpass.quantize(torch.randn(3, 40, 128), qatpass.Int4Scheme())
+    p = qatpass.quantize(torch.randn(40, 1024), qatpass.Int4Scheme())
+    pe = qatpass.quantize(torch.randn(3, 40, 1024), qatpass.Int4Scheme())
     b = torch.randn(40, dtype=torch.bfloat16)
     for launch, m in ((w4a16_gemv, 1), (w4a16_gemv, 3), (w4a16_gemm, 20)):
-        x = torch.randn(m, 128, dtype=torch.bfloat16)
+        x = torch.randn(m, 1024, dtype=torch.bfloat16)
         f = lambda x, q, s, b: launch(x, q, s, None, group_size=32, bias=b, split_k=2)
         code = make_fx(f, tracing_mode="fake")(x, p.qweight, p.scales, b).code
         assert code.count("higher_order.triton_kernel_wrapper") == 2, code
@@ -472,14 +501,14 @@ COMPILE_SCRIPT = textwrap.dedent(
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
     common = {"GROUP_SIZE": 32, "HAS_ZEROS": True, "HAS_BIAS": True, "INTERPRET": False}
-    compile_for_sm90(gemv.w4a16_gemv_kernel, {**common, "SPLIT_K": 1, "EVEN_K": True},
-                     gemv.GEMV_CONFIGS[0])
+    gemv_meta = {"EVEN_N": False, "UNROLL": 2, "BLOCK_N": 32, "BLOCK_K": 512}
+    compile_for_sm90(gemv.w4a16_gemv_kernel,
+                     {**common, "SPLIT_K": 1, "EVEN_K": True, **gemv_meta})
     compile_for_sm90(gemm.w4a16_gemm_kernel,
                      {**common, "SPLIT_K": 2, "EVEN_K": False, "DOT_FP32": False},
                      gemm.GEMM_CONFIGS[5])
     compile_for_sm90(gemv.w4a16_gemv_kernel,
-                     {**common, "GROUP_SIZE": 128, "SPLIT_K": 2, "EVEN_K": False},
-                     gemv.GEMV_CONFIGS[2])
+                     {**common, "GROUP_SIZE": 128, "SPLIT_K": 2, "EVEN_K": False, **gemv_meta})
     compile_for_sm90(grouped.w4a16_grouped_kernel, {**common, "EVEN_K": False},
                      grouped.GROUPED_CONFIGS[0])
     compile_for_sm90(splitk_reduce.splitk_reduce_kernel,
@@ -506,5 +535,5 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 
 def test_every_block_k_divides_max_block_k():
     """EVEN_K (no K masks) is decided before autotuning: it must hold for every config."""
-    configs = gemv.GEMV_CONFIGS + gemm.GEMM_CONFIGS + grouped.GROUPED_CONFIGS
+    configs = gemm.GEMM_CONFIGS + grouped.GROUPED_CONFIGS
     assert all(common.MAX_BLOCK_K % c.kwargs["BLOCK_K"] == 0 for c in configs)

@@ -39,11 +39,9 @@ from qatpass.kernels.triton.common import check_device, check_packed
 from qatpass.kernels.triton.gemm import w4a16_gemm
 from qatpass.kernels.triton.gemv import w4a16_gemv
 from qatpass.kernels.triton.grouped import w4a16_grouped
+from qatpass.kernels.triton.plan import GEMV_MAX_M
 
 __all__ = ["GEMV_MAX_M", "w4a16_grouped_matmul", "w4a16_matmul"]
-
-# Rows up to which w4a16_matmul runs the GEMV; above it, the tensor-core GEMM (see gemv.py).
-GEMV_MAX_M = 1
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -67,6 +65,8 @@ def w4a16_matmul(
     n, k, g = check_packed(x, qweight, scales, zeros, bias, group_size, experts=False)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
     m = x2.shape[0]
     if m == 0 or n == 0:
         return torch.empty((*lead, n), device=x.device, dtype=x.dtype)
