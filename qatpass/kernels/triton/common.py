@@ -19,15 +19,12 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.library import wrap_triton
 
 from qatpass.packed_args import check_packed_args
 
 # Stand-in SM count off GPU: small, so tests on tiny shapes still take the split-K path.
 INTERPRETER_NUM_SMS = 4
-# The largest BLOCK_K of any config; every BLOCK_K is a power of two dividing it.
-MAX_BLOCK_K = 1024
 
 
 # float32 with bits 0x4B000000 | n is exactly 2**23 + n for n < 2**23: OR-ing a nibble into it
@@ -195,26 +192,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def size_hint(n: int | torch.SymInt, fallback: int = 256) -> int:
-    """A concrete value for launch choices (split-K, autotune buckets) that never guards.
-
-    Under torch.compile with dynamic shapes M is a SymInt; int(M) would specialize the graph on
-    each M. These choices affect speed only, so the example's value (a hint) is enough.
-    """
-    if isinstance(n, int):
-        return n
-    return optimization_hint(n, fallback=fallback)
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
-def even_k(k: int) -> bool:
-    """K splits into whole blocks of every BLOCK_K the configs use (all divide MAX_BLOCK_K)."""
-    return k % MAX_BLOCK_K == 0
-
-
 def use_fp32_dot(x: torch.Tensor) -> bool:
     """Upcast tl.dot operands to fp32: under the interpreter (bf16 dot is wrong there) or fp32 x."""
     return interpreting() or x.device.type == "cpu" or x.dtype == torch.float32
@@ -253,11 +230,16 @@ def capture_launches(sms: int) -> Iterator[list[Launch]]:
 
 
 def launch(kernel, grid: tuple | Callable, kwargs: dict) -> None:
-    """Run `kernel[grid](**kwargs)` through wrap_triton (traceable), or record it."""
+    """Run `kernel[grid](**kwargs)` (through wrap_triton while tracing), or record it."""
     if _captured is not None:
         _captured.append(Launch(kernel, grid, kwargs))
         return
-    wrap_triton(kernel)[grid](**kwargs)
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if torch.compiler.is_compiling() or get_proxy_mode() is not None:
+        wrap_triton(kernel)[grid](**kwargs)
+    else:
+        kernel[grid](**kwargs)
 
 
 def num_sms(device: torch.device) -> int:
@@ -267,14 +249,6 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda" and not interpreting():
         return _cuda_sm_count(device.index if device.index is not None else 0)
     return INTERPRETER_NUM_SMS
-
-
-def choose_split_k(tiles: int, k_blocks: int, sms: int, max_split: int = 16) -> int:
-    """Split K (power of two) until the output tiles fill the machine; 1 when they already do."""
-    split = 1
-    while tiles * split < sms and split * 2 <= min(k_blocks, max_split):
-        split *= 2
-    return split
 
 
 def fitting_configs(configs: list, fits, group_size: int) -> list:

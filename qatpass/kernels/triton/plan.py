@@ -83,3 +83,54 @@ def gemv_tile_plan(m: int, n: int, k: int, block_n: int, block_k: int, split_k: 
     split = cdiv(k_steps, steps)
     return GemvPlan(block_n, block_k, GEMV_WARPS, split, steps, k_steps,
                     (m, cdiv(n, block_n), split))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """A tensor-core GEMM launch: tile BLOCK_M x BLOCK_N x BLOCK_K, split-K, warps, stages."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    split_k: int
+    grid: tuple[int, int, int]
+    kernel: str = "gemm"
+
+
+# (largest M, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the tile grows with the real M.
+GEMM_TILES = (
+    (16, 16, 64, 128, 4, 4),
+    (32, 32, 64, 128, 4, 4),
+    (64, 64, 128, 64, 4, 4),
+    (None, 128, 128, 64, 8, 3),
+)
+GEMM_MAX_SPLIT_K = 16
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_gemm(
+    m: int, n: int, k: int, group_size: int, sms: int, split_k: int | None = None
+) -> GemmPlan:
+    """The tile row of GEMM_TILES for this M, BLOCK_K narrowed to lie within a group (one
+    scale per column per step) and to K; split K until the output tiles cover the SMs."""
+    row = next(r for r in GEMM_TILES if r[0] is None or m <= r[0])
+    _, bm, bn, bk, warps, stages = row
+    while bk > 16 and (group_size % bk or bk > max(16, next_power_of_2(k))):
+        bk //= 2
+    bn = max(16, min(bn, next_power_of_2(n)))
+    tiles = cdiv(m, bm) * cdiv(n, bn)
+    k_blocks = cdiv(k, bk)
+    if split_k is None:
+        split_k = 1
+        while tiles * split_k < sms and split_k * 2 <= min(k_blocks, GEMM_MAX_SPLIT_K):
+            split_k *= 2
+    return GemmPlan(bm, bn, bk, warps, stages, split_k, (cdiv(m, bm), cdiv(n, bn), split_k))
+
+
+def plan_linear(m: int, n: int, k: int, group_size: int, sms: int) -> GemvPlan | GemmPlan:
+    """What w4a16_matmul launches for x [M, K] and a weight [N, K] of this group size."""
+    if m <= GEMV_MAX_M:
+        return plan_gemv(m, n, k, group_size, sms)
+    return plan_gemm(m, n, k, group_size, sms)

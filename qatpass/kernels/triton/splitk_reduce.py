@@ -50,7 +50,7 @@ def splitk_reduce(
     mn = m * n
     launch(
         splitk_reduce_kernel,
-        (triton.cdiv(mn, REDUCE_BLOCK),),
+        (-(-mn // REDUCE_BLOCK),),
         dict(
             partials_ptr=partials,
             bias_ptr=bias,
