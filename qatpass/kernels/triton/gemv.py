@@ -230,13 +230,14 @@ def w4a16_gemv_kernel(
     CH: tl.constexpr = 4 if WG % 4 == 0 else 1  # words per thread summed before the scale
     acc = tl.zeros((BLOCK_N, NG, WG // CH), dtype=tl.float32)
     # weights of step kb; in the loop, step + 1's are loaded before step's math (prefetch).
-    # Past the last step the prefetch re-reads the last step (in bounds, unused): no mask.
+    # Past the last step the prefetch is predicated off (its address stays in bounds).
     last = kb_end - 1
-    wn = _load_words(w_rows, offs_w, tl.minimum(kb, last), mask_n, K, EVEN_K, EVEN_N, BLOCK_K)
+    wn = _load_words(w_rows, offs_w, tl.minimum(kb, last), kb <= last, mask_n, K, EVEN_K,
+                     EVEN_N, BLOCK_K)  # fmt: skip
     for step in tl.range(kb, kb_end, loop_unroll_factor=UNROLL):
         words = wn
         nxt = tl.minimum(step + 1, last)
-        wn = _load_words(w_rows, offs_w, nxt, mask_n, K, EVEN_K, EVEN_N, BLOCK_K)
+        wn = _load_words(w_rows, offs_w, nxt, step < last, mask_n, K, EVEN_K, EVEN_N, BLOCK_K)
         scales, zeros, x = _load_side(s_rows, z_rows, x_row, offs_g, offs_x, step, mask_n, K,
                                       GROUP_SIZE, HAS_ZEROS, EVEN_K, EVEN_N, BLOCK_K, NG)  # fmt: skip
         xs = _planes(x.to(tl.float32), BKW, NG, WG)
@@ -295,13 +296,14 @@ def _bounds(step, valid, offs, K, UNIT: tl.constexpr, PER_STEP: tl.constexpr,
 
 
 @triton.jit
-def _load_words(w_rows, offs_w, step, mask_n, K, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):  # fmt: skip
-    """Step `step`'s weight words [BN, BKW] (zero outside [N, K])."""
+def _load_words(w_rows, offs_w, step, live, mask_n, K, EVEN_K: tl.constexpr,
+                EVEN_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Step `step`'s weight words [BN, BKW] (zero outside [N, K]); nothing is read where
+    `live` is false (the prefetch past a split's last step: those registers go unused)."""
     ptrs = w_rows + step * (BLOCK_K // 8) + offs_w[None, :]
+    mask = _bounds(step, live, offs_w, K, 8, BLOCK_K // 8, EVEN_K)[None, :]
     if EVEN_K and EVEN_N:
-        return tl.load(ptrs, eviction_policy="evict_first")
-    mask = _bounds(step, True, offs_w, K, 8, BLOCK_K // 8, EVEN_K)[None, :]
+        return tl.load(ptrs, mask=mask, eviction_policy="evict_first")
     if not EVEN_N:
         mask = mask & mask_n[:, None]
     return tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
