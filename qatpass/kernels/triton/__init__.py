@@ -5,11 +5,12 @@
 
 Inputs are the canonical packed format of `qatpass.scheme` (qweight int32 [N, K/8], scales
 [N, K/G], optional int8 zeros [N, K/G]; experts add a leading E). Every kernel dequantizes in
-registers right after the load, with the scheme's exact rounding: fp32 (code - zero) * scale,
-then cast to x.dtype, so results equal `x @ qatpass.dequantize(p, dtype=x.dtype).T` up to fp32
-summation order. Kernel families, one file each (kernel, configs, launcher):
-- `gemv`: M = 1 (decode), CUDA-core reduction, split-K when N alone does not fill the GPU;
+registers right after the load, with the scheme's exact rounding: (code - zero) * scale rounded
+once to x.dtype, so results equal `x @ qatpass.dequantize(p, dtype=x.dtype).T` up to fp32
+summation order. Kernel families, one file each (kernel, launcher):
+- `gemv`: M = 1 (decode), CUDA cores, int32 word tiles, split-K sized from the real tile;
 - `gemm`: M >= 2, tiled tensor-core `tl.dot`, split-K when the output tiles are few (small M);
+- `plan`: the launch plans (kernel, tile, split-K, grid) from the run-time shapes;
 - `splitk_reduce`: the deterministic second stage of split-K (fixed order, bias, cast);
 - `grouped`: per-row expert weights (MoE batched_mm form).
 

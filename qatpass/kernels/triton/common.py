@@ -1,10 +1,11 @@
 """What every W4A16 Triton kernel shares: in-register dequant, input checks, launch choices.
 
-`load_dequant` (byte tiles for tl.dot) and `gemv_row` (the GEMV inner loop) are the only
-places a kernel turns packed nibbles into weights; both mirror
-`qatpass.scheme.dequantize_codes` exactly: w = (code - zero) * scale in fp32, with
-code = nibble - 8 and the nibble of k at bits 4 * (k % 8) of int32 word k // 8, i.e. bits
-4 * (k % 2) of byte k // 2: both kernels read qweight as its uint8 [N, K/2] view.
+`load_dequant` (byte tiles for tl.dot, the GEMM) and `gemv_row` (the grouped kernel's row loop)
+turn packed nibbles into weights as `qatpass.scheme.dequantize_codes` does: w = (code - zero)
+* scale in fp32, with code = nibble - 8 and the nibble of k at bits 4 * (k % 8) of int32 word
+k // 8, i.e. bits 4 * (k % 2) of byte k // 2: both read qweight as its uint8 [N, K/2] view.
+(The GEMV has its own word-wise dequant: gemv.py.) `launch` and `capture_launches` are the one
+way kernels are launched, and recorded for static analysis (benchmarks/sass_report.py).
 """
 
 from __future__ import annotations
