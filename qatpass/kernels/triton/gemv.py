@@ -102,16 +102,19 @@ def _word_dot(words, xs, off0, off1, off2, off3, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _dequant_rounded(words, scales, zeros, HAS_ZEROS: tl.constexpr, DTYPE: tl.constexpr,
-                     INTERPRET: tl.constexpr):  # fmt: skip
+                     PACKED: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     """The 8 weights of each word as fp32 values of round_DTYPE((code - zero) * scale), k order.
 
     GPU: nibble pairs (j, j + 4) sit at bits 4j and 16 + 4j; shifted down and OR-ed into the
     16-bit magic (bf16 128 / fp16 1024: unit mantissa LSB) they are two exact 16-bit floats
     128 + nib (1024 + nib), one packed subtraction of 136 + zero (1032 + zero) gives the exact
     codes, one packed multiply by the scale the weights, rounded once, as the reference's
-    fp32-then-cast (the product of a 5-bit integer and a 16-bit float is exact in fp32). The
-    interpreter computes the same values with fp32 math and a round-to-nearest-even cast."""
-    if INTERPRET:
+    fp32-then-cast (the product of a 5-bit integer and a 16-bit float is exact in fp32). That
+    needs the scale exactly in DTYPE (PACKED): bf16 scales for bf16 x; bf16 or fp16 scales for
+    fp16 x (a bf16 scale converts to fp16 exactly for |scale| >= 2**-17; below that, an fp16
+    subnormal, a weight can differ by one fp16 subnormal step, 2**-24). fp32 scales, and the
+    interpreter, take fp32 math and a round-to-nearest-even cast (same values, more work)."""
+    if INTERPRET or not PACKED:
         zf = zeros.to(tl.float32) if HAS_ZEROS else 0.0
         s = scales.to(tl.float32)
         out = ()
@@ -227,6 +230,10 @@ def w4a16_gemv_kernel(
     # 16-bit activations: weights rounded to x's dtype as the reference (see _dequant_rounded);
     # fp32: exact (code - zero) * scale, the scale once per group
     ROUNDED: tl.constexpr = x_ptr.dtype.element_ty != tl.float32
+    S_TY: tl.constexpr = scales_ptr.dtype.element_ty
+    PACKED: tl.constexpr = (S_TY == x_ptr.dtype.element_ty) or (
+        x_ptr.dtype.element_ty == tl.float16 and S_TY == tl.bfloat16
+    )
     CH: tl.constexpr = 4 if WG % 4 == 0 else 1  # words per thread summed before the scale
     acc = tl.zeros((BLOCK_N, NG, WG // CH), dtype=tl.float32)
     # weights of step kb; in the loop, step + 1's are loaded before step's math (prefetch).
@@ -246,8 +253,9 @@ def w4a16_gemv_kernel(
             x0, x1, x2, x3, x4, x5, x6, x7 = xs
             zz = zeros[:, :, None] if HAS_ZEROS else zeros
             w0, w1, w2, w3, w4, w5, w6, w7 = _dequant_rounded(
-                words, scales[:, :, None], zz, HAS_ZEROS, x_ptr.dtype.element_ty, INTERPRET
-            )
+                words, scales[:, :, None], zz, HAS_ZEROS, x_ptr.dtype.element_ty,
+                PACKED, INTERPRET,
+            )  # fmt: skip
             part = w0 * x0
             part += w1 * x1
             part += w2 * x2
