@@ -113,7 +113,8 @@ def _dequant_rounded(words, scales, zeros, HAS_ZEROS: tl.constexpr, DTYPE: tl.co
     needs the scale exactly in DTYPE (PACKED): bf16 scales for bf16 x; bf16 or fp16 scales for
     fp16 x (a bf16 scale converts to fp16 exactly for |scale| >= 2**-17; below that, an fp16
     subnormal, a weight can differ by one fp16 subnormal step, 2**-24). fp32 scales, and the
-    interpreter, take fp32 math and a round-to-nearest-even cast (same values, more work)."""
+    interpreter, take fp32 math and a round-to-nearest-even cast (same values, more work).
+    Zero points must lie in the scheme's code range [-8, 7] (so 136 + zero is a bf16 integer)."""
     if INTERPRET or not PACKED:
         zf = zeros.to(tl.float32) if HAS_ZEROS else 0.0
         s = scales.to(tl.float32)
@@ -125,8 +126,9 @@ def _dequant_rounded(words, scales, zeros, HAS_ZEROS: tl.constexpr, DTYPE: tl.co
     if DTYPE == tl.bfloat16:
         s16 = scales.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         magic: tl.constexpr = 0x43004300
-        cz = zeros.to(tl.float32) + 136.0 if HAS_ZEROS else tl.full(scales.shape, 136.0, tl.float32)
-        c16 = cz.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        c16 = 0x4308  # bf16 bits of 136 + zero: 128 + m has bits 0x4300 + m for m < 128
+        if HAS_ZEROS:
+            c16 = zeros.to(tl.int32) + 0x4308
         sub: tl.constexpr = "sub.rn.bf16x2"
         mul: tl.constexpr = "mul.rn.bf16x2"
         unpack: tl.constexpr = (
@@ -138,12 +140,9 @@ def _dequant_rounded(words, scales, zeros, HAS_ZEROS: tl.constexpr, DTYPE: tl.co
     else:
         s16 = scales.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         magic: tl.constexpr = 0x64006400
-        cz = (
-            zeros.to(tl.float32) + 1032.0
-            if HAS_ZEROS
-            else tl.full(scales.shape, 1032.0, tl.float32)
-        )
-        c16 = cz.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        c16 = 0x6408  # fp16 bits of 1032 + zero: 1024 + m has bits 0x6400 + m for m < 1024
+        if HAS_ZEROS:
+            c16 = zeros.to(tl.int32) + 0x6408
         sub: tl.constexpr = "sub.rn.f16x2"
         mul: tl.constexpr = "mul.rn.f16x2"
         unpack: tl.constexpr = (
@@ -152,8 +151,8 @@ def _dequant_rounded(words, scales, zeros, HAS_ZEROS: tl.constexpr, DTYPE: tl.co
             "mov.b32 {h0, h1}, t2; cvt.f32.f16 $2, h0; cvt.f32.f16 $6, h1;"
             "mov.b32 {h0, h1}, t3; cvt.f32.f16 $3, h0; cvt.f32.f16 $7, h1;"
         )
-    s2 = tl.broadcast_to(s16 | (s16 << 16), words.shape)
-    c2 = tl.broadcast_to(c16 | (c16 << 16), words.shape)
+    s2 = tl.broadcast_to(s16 * 0x10001, words.shape)  # the 16 bits in both halves
+    c2 = tl.broadcast_to(c16 * 0x10001 + tl.zeros_like(s16), words.shape)
     asm: tl.constexpr = (
         "{ .reg .b32 t0, t1, t2, t3, u; .reg .b16 h0, h1;"
         f"lop3.b32 t0, $8, 0x000F000F, {magic}, 0xea;"
