@@ -101,7 +101,7 @@ class GemmPlan:
 
 # (largest M, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the tile grows with the real M.
 GEMM_TILES = (
-    (16, 16, 64, 128, 4, 4),
+    (16, 16, 128, 128, 4, 4),
     (32, 32, 64, 128, 4, 4),
     (64, 64, 128, 64, 4, 4),
     (None, 128, 128, 64, 8, 3),
