@@ -18,10 +18,10 @@ import torch
 import qatpass
 from qatpass.kernels.triton import (
     GEMV_MAX_M,
-    common,
     gemm,
     gemv,
     grouped,
+    plan,
     w4a16_grouped_matmul,
     w4a16_matmul,
 )
@@ -155,34 +155,68 @@ def test_splitk_reduce_sums_in_order_and_casts():
     torch.testing.assert_close(out, ref, **EXACT)
 
 
-@pytest.mark.parametrize(
-    ("module", "kernel", "configs", "m"),
-    [
-        (gemv, "w4a16_gemv_kernel", gemv.GEMV_CONFIGS, 1),
-        (gemm, "w4a16_gemm_kernel", gemm.GEMM_CONFIGS, 17),
-    ],
-    ids=["gemv", "gemm"],
-)
 @pytest.mark.parametrize(("n", "k", "group_size"), [(72, 128, 32), (24, 1024, 128)])
-def test_every_autotune_config_is_correct(
-    monkeypatch, module, kernel, configs, m, n, k, group_size
-):
-    """The interpreter runs one config per shape; force each GPU config once instead
+@pytest.mark.parametrize("tile", range(len(plan.GEMM_TILES)))
+def test_every_gemm_tile_is_correct(n, k, group_size, tile):
+    """The interpreter runs the plan's tile for the shape; force each row of GEMM_TILES once
     (K = 1024 takes the unmasked EVEN_K path, as real model shapes do)."""
     p, (qweight, scales, zeros) = _packed((n, k), group_size, symmetric=False)
-    x = torch.randn(m, k, dtype=torch.float16, device=DEVICE)
-    ref = _reference(x, p)
-    autotuner = getattr(module, kernel)
-    for config in configs:
-        monkeypatch.setattr(autotuner, "configs", [config])
-        y = w4a16_matmul(x, qweight, scales, zeros, group_size=group_size)
-        torch.testing.assert_close(y.float(), ref, **ACCUM[torch.float16], msg=str(config))
+    x = torch.randn(17, k, dtype=torch.float16, device=DEVICE)
+    _, bm, bn, bk, warps, stages = plan.GEMM_TILES[tile]
+    bk = min(bk, group_size)
+    tiles = plan.GemmPlan(bm, bn, bk, warps, stages, 1, (plan.cdiv(17, bm), plan.cdiv(n, bn), 1))
+    y = gemm.w4a16_gemm(x, qweight, scales, zeros, group_size=group_size, plan=tiles)
+    torch.testing.assert_close(y.float(), _reference(x, p), **ACCUM[torch.float16])
+
+
+def _check_gemv(y, x, p, bias=None):
+    """The GEMV's numerics (gemv.py): weights rounded to x.dtype as `dequantize(p, x.dtype)`
+    rounds them, exact products, fp32 sums. So y is within one output rounding of the float64
+    product with those weights, plus 2^-20 of the sum of |products| (fp32 sums, any order)."""
+    w = qatpass.dequantize(p, dtype=x.dtype).double().to(x.device)
+    ref = x.double() @ w.T + (0.0 if bias is None else bias.double())
+    magnitude = x.double().abs() @ w.abs().T
+    ulp = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 0.0}[x.dtype]
+    err = (y.double() - ref).abs()
+    bound = ref.abs() * ulp + magnitude * 2**-20 + 1e-30
+    assert y.dtype == x.dtype and bool((err <= bound).all()), float((err - bound).max())
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "group_size"),
+    [(72, 256, 32), (40, 160, 32), (33, 1024, 128), (24, 192, -1), (16, 512, 8), (9, 96, 16)],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("symmetric", "with_bias"), [(True, False), (False, True)])
+def test_gemv_exact_products_one_scale_per_group(n, k, group_size, dtype, symmetric, with_bias):
+    """Odd N and K (masks), every group path: G < 32 (several groups per thread), G = 32,
+    G = 128 (a tile within a group), per channel; zeros and bias."""
+    p, (qweight, scales, zeros) = _packed((n, k), group_size, symmetric=symmetric)
+    x = torch.randn(1, k, dtype=dtype, device=DEVICE)
+    bias = torch.randn(n, dtype=dtype, device=DEVICE) if with_bias else None
+    g = k if group_size == -1 else group_size
+    _check_gemv(gemv.w4a16_gemv(x, qweight, scales, zeros, group_size=g, bias=bias), x, p, bias)
+
+
+@pytest.mark.parametrize(("block_n", "block_k"), [(16, 512), (32, 256), (64, 128), (128, 32)])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_every_gemv_tile_is_correct(block_n, block_k, split_k):
+    """Each tile the plan can pick, with several K steps per split (prefetch, unroll by 2 with
+    a remainder step) and a split count that does not divide the steps."""
+    from qatpass.kernels.triton.plan import gemv_tile_plan
+
+    n, k = 48, 2560
+    p, (qweight, scales, zeros) = _packed((n, k), 32, symmetric=False)
+    x = torch.randn(1, k, dtype=torch.bfloat16, device=DEVICE)
+    plan = gemv_tile_plan(1, n, k, block_n, block_k, split_k)
+    y = gemv.w4a16_gemv(x, qweight, scales, zeros, group_size=32, plan=plan)
+    _check_gemv(y, x, p)
 
 
 @pytest.mark.parametrize("m", [1, 20])
 def test_k_in_whole_blocks_takes_the_unmasked_path(m):
-    """K % 1024 == 0 (EVEN_K): the kernels drop the K masks, as on real model shapes."""
-    assert common.even_k(1024)
+    """K a multiple of every BLOCK_K (EVEN_K): the kernels drop the K masks, as on real
+    model shapes."""
     p, (qweight, scales, zeros) = _packed((24, 1024), 128, symmetric=False)
     x = torch.randn(m, 1024, dtype=torch.bfloat16, device=DEVICE)
     y = w4a16_matmul(x, qweight, scales, zeros, group_size=128)
@@ -244,7 +278,7 @@ def test_grouped_every_autotune_config_is_correct(monkeypatch):
     ids = torch.tensor([2, 0, 2, 1], device=DEVICE)
     ref = _grouped_reference(x, p, ids)
     for config in grouped.GROUPED_CONFIGS:
-        monkeypatch.setattr(grouped.w4a16_grouped_kernel, "configs", [config])
+        monkeypatch.setattr(grouped, "grouped_config", lambda *args, c=config: c)
         y = w4a16_grouped_matmul(x, qweight, scales, expert_ids=ids, group_size=32)
         torch.testing.assert_close(y.float(), ref, **ACCUM[torch.float16], msg=str(config))
 
@@ -337,8 +371,13 @@ def _grouped_args():
 
 
 BAD_GROUPED = [
-    ("expert_ids", lambda a: a["expert_ids"].float(), TypeError, "expert_ids must be int32"),
-    ("expert_ids", lambda a: a["expert_ids"][:3], ValueError, r"expert_ids must have shape \(4,\)"),
+    (
+        "expert_ids",
+        lambda a: a["expert_ids"].float(),
+        TypeError,
+        "expert_ids must be a 1-d int32/int64",
+    ),
+    ("expert_ids", lambda a: a["expert_ids"][:3], ValueError, "3 expert ids for 4 rows"),
     ("expert_ids", lambda a: a["expert_ids"].tolist(), TypeError, "expert_ids must be a torch"),
     ("expert_ids", lambda a: a["expert_ids"] + 1, ValueError, r"must lie in \[0, 3\)"),
     ("expert_ids", lambda a: a["expert_ids"] - 1, ValueError, r"must lie in \[0, 3\)"),
@@ -373,39 +412,34 @@ def test_grouped_refuses_bias_of_wrong_shape():
 
 
 @pytest.mark.parametrize(
-    ("tiles", "k_blocks", "sms", "expected"),
-    [(256, 32, 132, 1), (64, 32, 132, 4), (1, 2, 132, 2), (1, 64, 132, 16), (3, 8, 4, 2)],
+    ("m", "n", "k", "group_size", "kernel", "block_m", "split_k"),
+    [
+        (1, 4096, 4096, 32, "gemv", None, 8),
+        (1, 14336, 4096, 128, "gemv", None, 4),
+        (16, 4096, 4096, 32, "gemm", 16, 8),
+        (64, 4096, 4096, 128, "gemm", 64, 8),
+        (512, 14336, 4096, 32, "gemm", 128, 1),
+    ],
 )
-def test_choose_split_k(tiles, k_blocks, sms, expected):
-    assert common.choose_split_k(tiles, k_blocks, sms) == expected
+def test_plan_follows_the_real_shapes(m, n, k, group_size, kernel, block_m, split_k):
+    """The launch plan for an H200 (132 SMs): GEMV at M = 1, the GEMM tile grows with M, and
+    split-K fills the SMs from the real tile."""
+    chosen = plan.plan_linear(m, n, k, group_size, 132)
+    assert chosen.kernel == kernel and chosen.split_k == split_k
+    assert getattr(chosen, "block_m", None) == block_m
+    grid = chosen.grid[0] * chosen.grid[1] * chosen.grid[2]
+    assert grid >= 132 or chosen.split_k > 1
 
 
-def test_pruning_drops_what_does_not_fit_and_keeps_one():
-    args = {"N": 4096, "K": 64, "GROUP_SIZE": 128, "INTERPRET": False}
-    kept = gemv.prune_gemv_configs(gemv.GEMV_CONFIGS, args)
-    assert kept and all(c.kwargs["BLOCK_K"] <= 64 for c in kept)
-    # group size 32: only tiles within one group along K survive (no per-element scale gather)
-    for prune, configs in (
-        (gemv.prune_gemv_configs, gemv.GEMV_CONFIGS),
-        (gemm.prune_gemm_configs, gemm.GEMM_CONFIGS),
-        (grouped.prune_grouped_configs, grouped.GROUPED_CONFIGS),
-    ):
-        args = {"N": 4096, "K": 4096, "GROUP_SIZE": 32, "M_BUCKET": 64, "INTERPRET": False}
-        kept = prune(configs, args)
-        assert kept and all(c.kwargs["BLOCK_K"] <= 32 for c in kept), prune.__name__
-    args = {"N": 8, "K": 8, "GROUP_SIZE": 8, "M_BUCKET": 1, "INTERPRET": False}
-    kept = gemm.prune_gemm_configs(gemm.GEMM_CONFIGS, args)
-    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept] == [
-        (16, 64, 64)
-    ]
-    one = gemm.prune_gemm_configs(gemm.GEMM_CONFIGS, {**args, "INTERPRET": True})
-    assert len(one) == 1
+def test_gemv_block_k_tiles_whole_groups():
+    assert [plan.gemv_block_k(4096, g) for g in (8, 32, 128, 4096)] == [512] * 4
+    assert plan.gemv_block_k(160, 160) == 32 and plan.gemv_block_k(96, 32) == 128
 
 
-def test_m_bucket_is_coarse():
-    assert [gemm.gemm_m_bucket(m) for m in (9, 16, 17, 100, 256, 4000)] == [
-        16, 16, 32, 128, 256, 256,
-    ]  # fmt: skip
+def test_grouped_pruning_keeps_block_k_within_the_group():
+    args = {"N": 4096, "K": 4096, "GROUP_SIZE": 32}
+    kept = grouped.prune_grouped_configs(grouped.GROUPED_CONFIGS, args)
+    assert kept and all(c.kwargs["BLOCK_K"] <= 32 for c in kept)
 
 
 TRACE_SCRIPT = textwrap.dedent(
@@ -416,11 +450,11 @@ TRACE_SCRIPT = textwrap.dedent(
     from qatpass.kernels.triton.gemv import w4a16_gemv
     from qatpass.kernels.triton.grouped import w4a16_grouped
 
-    p = qatpass.quantize(torch.randn(40, 128), qatpass.Int4Scheme())
-    pe = qatpass.quantize(torch.randn(3, 40, 128), qatpass.Int4Scheme())
+    p = qatpass.quantize(torch.randn(40, 1024), qatpass.Int4Scheme())
+    pe = qatpass.quantize(torch.randn(3, 40, 1024), qatpass.Int4Scheme())
     b = torch.randn(40, dtype=torch.bfloat16)
     for launch, m in ((w4a16_gemv, 1), (w4a16_gemv, 3), (w4a16_gemm, 20)):
-        x = torch.randn(m, 128, dtype=torch.bfloat16)
+        x = torch.randn(m, 1024, dtype=torch.bfloat16)
         f = lambda x, q, s, b: launch(x, q, s, None, group_size=32, bias=b, split_k=2)
         code = make_fx(f, tracing_mode="fake")(x, p.qweight, p.scales, b).code
         assert code.count("higher_order.triton_kernel_wrapper") == 2, code
@@ -472,14 +506,14 @@ COMPILE_SCRIPT = textwrap.dedent(
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
     common = {"GROUP_SIZE": 32, "HAS_ZEROS": True, "HAS_BIAS": True, "INTERPRET": False}
-    compile_for_sm90(gemv.w4a16_gemv_kernel, {**common, "SPLIT_K": 1, "EVEN_K": True},
-                     gemv.GEMV_CONFIGS[0])
-    compile_for_sm90(gemm.w4a16_gemm_kernel,
-                     {**common, "SPLIT_K": 2, "EVEN_K": False, "DOT_FP32": False},
-                     gemm.GEMM_CONFIGS[5])
+    gemv_meta = {"EVEN_N": False, "UNROLL": 2, "BLOCK_N": 32, "BLOCK_K": 512}
     compile_for_sm90(gemv.w4a16_gemv_kernel,
-                     {**common, "GROUP_SIZE": 128, "SPLIT_K": 2, "EVEN_K": False},
-                     gemv.GEMV_CONFIGS[2])
+                     {**common, "SPLIT_K": 1, "EVEN_K": True, **gemv_meta})
+    compile_for_sm90(gemm.w4a16_gemm_kernel,
+                     {**common, "SPLIT_K": 2, "EVEN_K": False, "DOT_FP32": False,
+                      "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32})
+    compile_for_sm90(gemv.w4a16_gemv_kernel,
+                     {**common, "GROUP_SIZE": 128, "SPLIT_K": 2, "EVEN_K": False, **gemv_meta})
     compile_for_sm90(grouped.w4a16_grouped_kernel, {**common, "EVEN_K": False},
                      grouped.GROUPED_CONFIGS[0])
     compile_for_sm90(splitk_reduce.splitk_reduce_kernel,
@@ -504,7 +538,39 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
-def test_every_block_k_divides_max_block_k():
-    """EVEN_K (no K masks) is decided before autotuning: it must hold for every config."""
-    configs = gemv.GEMV_CONFIGS + gemm.GEMM_CONFIGS + grouped.GROUPED_CONFIGS
-    assert all(common.MAX_BLOCK_K % c.kwargs["BLOCK_K"] == 0 for c in configs)
+# ---- run-time M under tracing ----
+
+
+def _launched(fn, *args) -> list[tuple[str, dict]]:
+    """(kernel name, meta) of each launch `fn(*args)` makes, captured, not run (132 SMs)."""
+    from qatpass.kernels.triton.common import capture_launches
+
+    with capture_launches(sms=132) as launches:
+        fn(*args)
+    return [(getattr(c.kernel, "__name__", ""), c.kwargs) for c in launches]
+
+
+@pytest.mark.parametrize("how", ["make_fx", "torch.compile"])
+def test_graph_traced_at_m16_plans_from_the_real_m(how):
+    """A graph traced with M = 16 (dynamic) launches the large-M GEMM tile at M = 512 and the
+    GEMV at M = 1: the plan is made in the op body at run time, not from the trace's hint."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    _, (qweight, scales, zeros) = _packed((256, 512), 32)
+
+    def f(x, q, s):
+        return w4a16_matmul(x, q, s, group_size=32)
+
+    x16 = torch.randn(16, 512, dtype=torch.bfloat16, device=DEVICE)
+    if how == "make_fx":
+        graph = make_fx(f, tracing_mode="symbolic")(x16, qweight, scales)
+        assert "w4a16_matmul_triton" in graph.code
+    else:
+        graph = torch.compile(f, backend="aot_eager", dynamic=True, fullgraph=True)
+        graph(x16, qweight, scales)
+    for m, kernel, block_m in ((512, "w4a16_gemm_kernel", 128), (16, "w4a16_gemm_kernel", 16),
+                               (1, "w4a16_gemv_kernel", None)):  # fmt: skip
+        x = torch.randn(m, 512, dtype=torch.bfloat16, device=DEVICE)
+        (name, meta), *_ = _launched(graph, x, qweight, scales)
+        assert name == kernel and meta.get("BLOCK_M") == block_m, (m, name, meta.get("BLOCK_M"))
+        assert meta["x_ptr"].shape[0] == m

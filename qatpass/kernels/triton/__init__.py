@@ -5,25 +5,25 @@
 
 Inputs are the canonical packed format of `qatpass.scheme` (qweight int32 [N, K/8], scales
 [N, K/G], optional int8 zeros [N, K/G]; experts add a leading E). Every kernel dequantizes in
-registers right after the load, with the scheme's exact rounding: fp32 (code - zero) * scale,
-then cast to x.dtype, so results equal `x @ qatpass.dequantize(p, dtype=x.dtype).T` up to fp32
-summation order. Kernel families, one file each (kernel, configs, launcher):
-- `gemv`: M = 1 (decode), CUDA-core reduction, split-K when N alone does not fill the GPU;
+registers right after the load, with the scheme's exact rounding: (code - zero) * scale rounded
+once to x.dtype, so results equal `x @ qatpass.dequantize(p, dtype=x.dtype).T` up to fp32
+summation order. Kernel families, one file each (kernel, launcher):
+- `gemv`: M = 1 (decode), CUDA cores, int32 word tiles, split-K sized from the real tile;
 - `gemm`: M >= 2, tiled tensor-core `tl.dot`, split-K when the output tiles are few (small M);
+- `plan`: the launch plans (kernel, tile, split-K, grid) from the run-time shapes;
 - `splitk_reduce`: the deterministic second stage of split-K (fixed order, bias, cast);
 - `grouped`: per-row expert weights (MoE batched_mm form).
 
-Launching: every kernel goes through `torch.library.wrap_triton(kernel)[grid](**kwargs)`, so
-these launchers can be the body of a `torch.library.triton_op` (traced by torch.compile and
-torch.export into a `triton_kernel_wrapper` node), and outside tracing the same call simply runs
-the kernel: in plain eager on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (set before
-triton is imported). Under the interpreter `wrap_triton` hands back the kernel itself, so it
-launches eagerly but cannot be traced: compiled graphs on CPU need the torch path.
+Launching (`common.launch`): `kernel[grid](**kwargs)`, through `wrap_triton` while tracing (the
+launchers themselves stay traceable); on CPU tensors the kernels run under TRITON_INTERPRET=1
+(set before triton is imported).
 
-Autotuning: `triton.autotune` keyed on N, K, group size, split-K and, for the GEMM, an M bucket
-(powers of two up to 256; taken from the size hint, so a dynamic M never guards). It passes
-through wrap_triton unchanged. `prune_configs_by` drops configs that do not fit the shape and,
-under the interpreter (INTERPRET=True), keeps one config so nothing is benchmarked.
+Launch choices: `plan` (pure functions of the real M, N, K, group and SM count; no autotuning,
+so a CUDA-graph capture never benchmarks). They must see the run-time M, not a trace-time size
+hint: when the call is traced (torch.compile, make_fx, the body of the `qatpass::w4a16_linear`
+triton_op under Inductor), these functions emit the opaque op `qatpass::w4a16_matmul_triton`
+(and its grouped twin) instead of the kernels; at run time that op's body plans from the real
+shapes and launches. In eager mode they validate once and launch directly.
 
 Interpreter quirks handled by constexprs: it truncates fp32 -> bf16 casts, so kernels round to
 nearest even on the bits first there (`cast_rne`); its bf16 `tl.dot` is wrong, so the GEMM
@@ -35,19 +35,28 @@ from __future__ import annotations
 
 import torch
 
-from qatpass.kernels.triton.common import check_device, check_packed
+from qatpass.kernels.triton.common import check_device, check_packed, num_sms
 from qatpass.kernels.triton.gemm import w4a16_gemm
 from qatpass.kernels.triton.gemv import w4a16_gemv
 from qatpass.kernels.triton.grouped import w4a16_grouped
+from qatpass.kernels.triton.plan import GEMV_MAX_M, plan_linear
+from qatpass.packed_args import check_grouped_args, check_packed_args
 
-__all__ = ["GEMV_MAX_M", "w4a16_grouped_matmul", "w4a16_matmul"]
-
-# Rows up to which w4a16_matmul runs the GEMV; above it, the tensor-core GEMM (see gemv.py).
-GEMV_MAX_M = 1
+__all__ = ["GEMV_MAX_M", "plan_linear", "w4a16_grouped_matmul", "w4a16_matmul"]
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
+
+
+def _traced(x: torch.Tensor) -> bool:
+    """Whether this call is being traced (its shapes may be symbolic or only hints)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if not isinstance(x, torch.Tensor):
+        return False  # validation names the bad argument
+    traced = torch.compiler.is_compiling() or get_proxy_mode() is not None
+    return traced or type(x) is not torch.Tensor
 
 
 def w4a16_matmul(
@@ -62,15 +71,25 @@ def w4a16_matmul(
     """x [..., K] @ W.T (+ bias) with W packed: qweight int32 [N, K/8], scales [N, K/G],
     zeros int8 [N, K/G] or None, bias [N] or None. Returns [..., N] in x.dtype.
 
-    group_size -1 means one group per row (per channel). GEMV for M <= GEMV_MAX_M rows, GEMM above.
-    """
+    group_size -1 means one group per row (per channel). The kernel, tile and split-K follow
+    `plan_linear` on the run-time M (GEMV up to GEMV_MAX_M rows, GEMM above)."""
+    if _traced(x):
+        return torch.ops.qatpass.w4a16_matmul_triton(x, qweight, scales, zeros, bias, group_size)
     n, k, g = check_packed(x, qweight, scales, zeros, bias, group_size, experts=False)
+    return _matmul(x, qweight, scales, zeros, bias, n, k, g)
+
+
+def _matmul(x, qweight, scales, zeros, bias, n: int, k: int, g: int) -> torch.Tensor:
+    """The launch, on validated arguments."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
     m = x2.shape[0]
     if m == 0 or n == 0:
         return torch.empty((*lead, n), device=x.device, dtype=x.dtype)
-    launch = w4a16_gemv if m <= GEMV_MAX_M else w4a16_gemm
+    plan = plan_linear(m, n, k, g, num_sms(x.device))
+    launch = w4a16_gemv if plan.kernel == "gemv" else w4a16_gemm
     out = launch(
         x2,
         qweight.contiguous(),
@@ -78,6 +97,7 @@ def w4a16_matmul(
         _contiguous(zeros),
         group_size=g,
         bias=_contiguous(bias),
+        plan=plan,
     )
     return out.reshape(*lead, n)
 
@@ -98,20 +118,20 @@ def w4a16_grouped_matmul(
     Rows need not be sorted by expert. Ids are range-checked here for real CPU tensors; on GPU
     (no host sync) a row with an id outside [0, E) comes out NaN instead of reading garbage.
     """
-    n, k, g = check_packed(x, qweight, scales, zeros, bias, group_size, experts=True)
-    if not isinstance(expert_ids, torch.Tensor):
-        raise TypeError(f"expert_ids must be a torch.Tensor, got {type(expert_ids).__name__}")
-    if expert_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"expert_ids must be int32 or int64, got {expert_ids.dtype}")
-    t = x.shape[0]
-    if tuple(expert_ids.shape) != (t,):
-        raise ValueError(
-            f"expert_ids must have shape ({t},) (one per row of x), got {tuple(expert_ids.shape)}"
+    if _traced(x):
+        return torch.ops.qatpass.w4a16_grouped_matmul_triton(
+            x, qweight, scales, zeros, bias, expert_ids, group_size
         )
-    check_device(x, {"expert_ids": expert_ids})
+    n, k, g = check_grouped_args(x, qweight, scales, zeros, bias, expert_ids, group_size)
+    check_device(x, {})
+    return _grouped(x, qweight, scales, zeros, bias, expert_ids, n, g)
+
+
+def _grouped(x, qweight, scales, zeros, bias, expert_ids, n: int, g: int) -> torch.Tensor:
+    t = x.shape[0]
     num_experts = qweight.shape[0]
-    # Only a plain CPU tensor can be checked without a device sync or a traced value.
-    if type(expert_ids) is torch.Tensor and expert_ids.device.type == "cpu" and t > 0:
+    # Only a plain CPU tensor can be checked without a device sync.
+    if expert_ids.device.type == "cpu" and t > 0:
         lo, hi = int(expert_ids.min()), int(expert_ids.max())
         if lo < 0 or hi >= num_experts:
             raise ValueError(
@@ -129,3 +149,44 @@ def w4a16_grouped_matmul(
         group_size=g,
         bias=_contiguous(bias),
     )
+
+
+# --- the opaque ops that traced graphs call: planned and launched at run time ---------------
+
+_LIB = torch.library.Library("qatpass", "FRAGMENT")
+_LIB.define(
+    "w4a16_matmul_triton(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, "
+    "int group_size) -> Tensor"
+)
+_LIB.define(
+    "w4a16_grouped_matmul_triton(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, "
+    "Tensor? bias, Tensor expert_ids, int group_size) -> Tensor"
+)
+
+
+def _matmul_op(x, qweight, scales, zeros, bias, group_size: int) -> torch.Tensor:
+    n, k, g = check_packed(x, qweight, scales, zeros, bias, group_size, experts=False)
+    return _matmul(x, qweight, scales, zeros, bias, n, k, g)
+
+
+def _grouped_op(x, qweight, scales, zeros, bias, expert_ids, group_size: int) -> torch.Tensor:
+    n, _, g = check_grouped_args(x, qweight, scales, zeros, bias, expert_ids, group_size)
+    check_device(x, {})
+    return _grouped(x, qweight, scales, zeros, bias, expert_ids, n, g)
+
+
+for _key in ("CUDA", "CPU"):  # CPU: the Triton interpreter (check_device refuses otherwise)
+    _LIB.impl("w4a16_matmul_triton", _matmul_op, _key)
+    _LIB.impl("w4a16_grouped_matmul_triton", _grouped_op, _key)
+
+
+@torch.library.register_fake("qatpass::w4a16_matmul_triton")
+def _matmul_fake(x, qweight, scales, zeros, bias, group_size):
+    check_packed_args(x, qweight, scales, zeros, bias, group_size, experts=False)
+    return x.new_empty((*x.shape[:-1], qweight.shape[-2]))
+
+
+@torch.library.register_fake("qatpass::w4a16_grouped_matmul_triton")
+def _grouped_fake(x, qweight, scales, zeros, bias, expert_ids, group_size):
+    check_grouped_args(x, qweight, scales, zeros, bias, expert_ids, group_size)
+    return x.new_empty((x.shape[0], qweight.shape[-2]))

@@ -1,28 +1,31 @@
 """What every W4A16 Triton kernel shares: in-register dequant, input checks, launch choices.
 
-`load_dequant` (byte tiles for tl.dot) and `gemv_row` (the GEMV inner loop) are the only
-places a kernel turns packed nibbles into weights; both mirror
-`qatpass.scheme.dequantize_codes` exactly: w = (code - zero) * scale in fp32, with
-code = nibble - 8 and the nibble of k at bits 4 * (k % 8) of int32 word k // 8, i.e. bits
-4 * (k % 2) of byte k // 2: both kernels read qweight as its uint8 [N, K/2] view.
+`load_dequant` (byte tiles for tl.dot, the GEMM) and `gemv_row` (the grouped kernel's row loop)
+turn packed nibbles into weights as `qatpass.scheme.dequantize_codes` does: w = (code - zero)
+* scale in fp32, with code = nibble - 8 and the nibble of k at bits 4 * (k % 8) of int32 word
+k // 8, i.e. bits 4 * (k % 2) of byte k // 2: both read qweight as its uint8 [N, K/2] view.
+(The GEMV has its own word-wise dequant: gemv.py.) `launch` and `capture_launches` are the one
+way kernels are launched, and recorded for static analysis (benchmarks/sass_report.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
-from torch.fx.experimental.symbolic_shapes import optimization_hint
+from torch.library import wrap_triton
 
 from qatpass.packed_args import check_packed_args
 
 # Stand-in SM count off GPU: small, so tests on tiny shapes still take the split-K path.
 INTERPRETER_NUM_SMS = 4
-# The largest BLOCK_K of any config; every BLOCK_K is a power of two dividing it.
-MAX_BLOCK_K = 1024
 
 
 # float32 with bits 0x4B000000 | n is exactly 2**23 + n for n < 2**23: OR-ing a nibble into it
@@ -65,7 +68,8 @@ def load_dequant(
     mask = mask_n[None, :] if EVEN_K else mask_n[None, :] & (offs_b[:, None] < K // 2)
     # int64 row offsets: N * K / 2 bytes can pass 2**31 (large vocab heads).
     rows = offs_n.to(tl.int64)[None, :] * stride_qn
-    packed = tl.load(qbytes_ptr + rows + offs_b[:, None], mask=mask, other=0).to(tl.int32)
+    ptrs = qbytes_ptr + rows + offs_b[:, None]
+    packed = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
     nibbles = tl.join((packed & 0xF) | MAGIC_BITS, (packed >> 4) | MAGIC_BITS)  # [BK/2, BN, 2]
     nibbles = tl.reshape(tl.permute(nibbles, (0, 2, 1)), (BLOCK_K, BLOCK_N))
     biased = nibbles.to(tl.float32, bitcast=True)
@@ -135,7 +139,8 @@ def gemv_row(
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = mask_n[:, None] if EVEN_K else mask_n[:, None] & (offs_b[None, :] < K // 2)
-        packed = tl.load(qbytes_ptr + rows + offs_b[None, :], mask=mask, other=0).to(tl.int32)
+        ptrs = qbytes_ptr + rows + offs_b[None, :]
+        packed = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
         nibbles = tl.join((packed & 0xF) | MAGIC_BITS, (packed >> 4) | MAGIC_BITS)
         biased = tl.reshape(nibbles, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)
         if GROUP_SIZE % BLOCK_K == 0:
@@ -188,26 +193,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def size_hint(n: int | torch.SymInt, fallback: int = 256) -> int:
-    """A concrete value for launch choices (split-K, autotune buckets) that never guards.
-
-    Under torch.compile with dynamic shapes M is a SymInt; int(M) would specialize the graph on
-    each M. These choices affect speed only, so the example's value (a hint) is enough.
-    """
-    if isinstance(n, int):
-        return n
-    return optimization_hint(n, fallback=fallback)
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
-def even_k(k: int) -> bool:
-    """K splits into whole blocks of every BLOCK_K the configs use (all divide MAX_BLOCK_K)."""
-    return k % MAX_BLOCK_K == 0
-
-
 def use_fp32_dot(x: torch.Tensor) -> bool:
     """Upcast tl.dot operands to fp32: under the interpreter (bf16 dot is wrong there) or fp32 x."""
     return interpreting() or x.device.type == "cpu" or x.dtype == torch.float32
@@ -218,19 +203,53 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a launcher issued it: the kernel, its grid and its arguments."""
+
+    kernel: Any
+    grid: Any  # a tuple, or a callable of the config's meta-parameters (autotuned kernels)
+    kwargs: dict
+
+
+# While `capture_launches` is active: launches are recorded here instead of run, and num_sms
+# reports the SM count it was given (static analysis of what a GPU would run, on meta tensors).
+_captured: list[Launch] | None = None
+_assumed_sms: int | None = None
+
+
+@contextlib.contextmanager
+def capture_launches(sms: int) -> Iterator[list[Launch]]:
+    """Record (do not run) every kernel launch inside, as on a GPU with `sms` SMs."""
+    global _captured, _assumed_sms
+    saved = _captured, _assumed_sms
+    _captured, _assumed_sms = [], sms
+    try:
+        yield _captured
+    finally:
+        _captured, _assumed_sms = saved
+
+
+def launch(kernel, grid: tuple | Callable, kwargs: dict) -> None:
+    """Run `kernel[grid](**kwargs)` (through wrap_triton while tracing), or record it."""
+    if _captured is not None:
+        _captured.append(Launch(kernel, grid, kwargs))
+        return
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if torch.compiler.is_compiling() or get_proxy_mode() is not None:
+        wrap_triton(kernel)[grid](**kwargs)
+    else:
+        kernel[grid](**kwargs)
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; a small stand-in elsewhere."""
+    if _assumed_sms is not None:
+        return _assumed_sms
     if device.type == "cuda" and not interpreting():
         return _cuda_sm_count(device.index if device.index is not None else 0)
     return INTERPRETER_NUM_SMS
-
-
-def choose_split_k(tiles: int, k_blocks: int, sms: int, max_split: int = 16) -> int:
-    """Split K (power of two) until the output tiles fill the machine; 1 when they already do."""
-    split = 1
-    while tiles * split < sms and split * 2 <= min(k_blocks, max_split):
-        split *= 2
-    return split
 
 
 def fitting_configs(configs: list, fits, group_size: int) -> list:

@@ -6,6 +6,8 @@ the nibbles in registers, dequantizes (fp32 (code - zero) * scale), casts it to 
 dtype (the rounding of `qatpass.dequantize(p, dtype=x.dtype)`) and feeds the tensor cores with
 fp32 accumulation. DOT_FP32 upcasts both operands to fp32 instead: the
 Triton interpreter computes bf16 dots wrongly, and fp32 activations must not drop to TF32.
+Tile, warps, stages and split-K come from `plan.plan_gemm` on the real M (no autotuning, so
+nothing is benchmarked inside a CUDA-graph capture).
 """
 
 from __future__ import annotations
@@ -13,73 +15,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from qatpass.kernels.triton.common import (
     cast_rne,
-    choose_split_k,
-    even_k,
-    fitting_configs,
     interpreting,
+    launch,
     load_dequant,
-    next_power_of_2,
     num_sms,
-    size_hint,
     use_fp32_dot,
 )
+from qatpass.kernels.triton.plan import GemmPlan, plan_gemm
 from qatpass.kernels.triton.splitk_reduce import splitk_reduce
 
-NOMINAL_BLOCK_M = 64
-NOMINAL_BLOCK_N = 64
-NOMINAL_BLOCK_K = 128
 
-GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    # BLOCK_K = 32: one scale per column per step for group size 32.
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-]
-
-
-def gemm_m_bucket(m: int) -> int:
-    """Autotune key for M: powers of two up to 256, then one bucket (tiles stop growing)."""
-    return min(next_power_of_2(m), 256)
-
-
-def prune_gemm_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Drop tiles taller than the M bucket or wider than N/K, prefer BLOCK_K within a group;
-    one config under the interpreter."""
-    args = {**named_args, **kwargs}
-    m_cap = max(16, args["M_BUCKET"])
-    n_cap = max(64, next_power_of_2(args["N"]))
-    k_cap = max(64, next_power_of_2(args["K"]))
-
-    def fits(c) -> bool:
-        kw = c.kwargs
-        return kw["BLOCK_M"] <= m_cap and kw["BLOCK_N"] <= n_cap and kw["BLOCK_K"] <= k_cap
-
-    kept = fitting_configs(configs, fits, args["GROUP_SIZE"])
-    if not args["INTERPRET"]:
-        return kept
-    # Interpreter: the biggest tile that fits runs the fewest (slow, Python-level) programs.
-    return [max(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-
-
-@triton.autotune(
-    configs=GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "K", "GROUP_SIZE", "SPLIT_K"],
-    prune_configs_by={"early_config_prune": prune_gemm_configs},
-)
 @triton.jit
 def w4a16_gemm_kernel(
     # tensors
@@ -93,7 +41,6 @@ def w4a16_gemm_kernel(
     M,
     N,
     K,
-    M_BUCKET,  # autotune key only
     # strides (elements)
     stride_xm,
     stride_xk,
@@ -108,7 +55,7 @@ def w4a16_gemm_kernel(
     HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0 for every config: no mask along K
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
     DOT_FP32: tl.constexpr,
     INTERPRET: tl.constexpr,  # Triton interpreter: one config, bf16 rounding done by hand
     BLOCK_M: tl.constexpr,
@@ -172,52 +119,57 @@ def w4a16_gemm(
     group_size: int,
     bias: torch.Tensor | None = None,
     split_k: int | None = None,
+    plan: GemmPlan | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ W.T for checked, contiguous packed inputs; group_size is the resolved G.
 
-    split_k=None picks it from the device's SM count; tests pass it to cover both paths.
-    """
+    `plan` defaults to `plan_gemm` for these shapes on x's device (the real M, at run time),
+    with `split_k` forced when given (tests cover both paths)."""
     m, k = x.shape
     n = qweight.shape[0]
-    if split_k is None:
-        tiles = triton.cdiv(size_hint(m), NOMINAL_BLOCK_M) * triton.cdiv(n, NOMINAL_BLOCK_N)
-        split_k = choose_split_k(tiles, triton.cdiv(k, NOMINAL_BLOCK_K), num_sms(x.device))
+    if plan is None:
+        plan = plan_gemm(m, n, k, group_size, num_sms(x.device), split_k)
+    split_k = plan.split_k
     if split_k == 1:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         stride_os = 0
     else:
         out = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
-        stride_os = out.stride(0)
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), split_k)
-
-    wrap_triton(w4a16_gemm_kernel)[grid](
-        x_ptr=x,
-        qbytes_ptr=qweight.view(torch.uint8),
-        scales_ptr=scales,
-        zeros_ptr=zeros,
-        bias_ptr=bias,
-        out_ptr=out,
-        M=m,
-        N=n,
-        K=k,
-        M_BUCKET=gemm_m_bucket(size_hint(m)),
-        stride_xm=x.stride(0),
-        stride_xk=x.stride(1),
-        stride_qn=qweight.stride(0) * 4,
-        stride_sn=scales.stride(0),
-        stride_zn=0 if zeros is None else zeros.stride(0),
-        stride_om=out.stride(-2),
-        stride_on=out.stride(-1),
-        stride_os=stride_os,
-        GROUP_SIZE=group_size,
-        HAS_ZEROS=zeros is not None,
-        HAS_BIAS=bias is not None,
-        SPLIT_K=split_k,
-        EVEN_K=even_k(k),
-        DOT_FP32=use_fp32_dot(x),
-        INTERPRET=interpreting(),
+        stride_os = m * n
+    launch(
+        w4a16_gemm_kernel,
+        plan.grid,
+        dict(
+            x_ptr=x,
+            qbytes_ptr=qweight.view(torch.uint8),
+            scales_ptr=scales,
+            zeros_ptr=zeros,
+            bias_ptr=bias,
+            out_ptr=out,
+            M=m,
+            N=n,
+            K=k,
+            stride_xm=x.stride(0),
+            stride_xk=x.stride(1),
+            stride_qn=qweight.stride(0) * 4,
+            stride_sn=scales.stride(0),
+            stride_zn=0 if zeros is None else zeros.stride(0),
+            stride_om=n,
+            stride_on=1,
+            stride_os=stride_os,
+            GROUP_SIZE=group_size,
+            HAS_ZEROS=zeros is not None,
+            HAS_BIAS=bias is not None,
+            SPLIT_K=split_k,
+            EVEN_K=k % plan.block_k == 0,
+            DOT_FP32=use_fp32_dot(x),
+            INTERPRET=interpreting(),
+            BLOCK_M=plan.block_m,
+            BLOCK_N=plan.block_n,
+            BLOCK_K=plan.block_k,
+            num_warps=plan.num_warps,
+            num_stages=plan.num_stages,
+        ),
     )
     if split_k == 1:
         return out

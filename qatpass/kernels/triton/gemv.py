@@ -1,12 +1,29 @@
-"""W4A16 GEMV for decode (M = 1): CUDA cores, one row per program, optionally split along K.
+"""W4A16 GEMV for decode: CUDA cores, one row of x per program row, split along K.
 
-Each program owns BLOCK_N output columns of one row of x and one contiguous slice of K, and runs
-`common.gemv_row`: the packed bytes of the weight are loaded once (vectorized), split into
-nibbles in registers, dequantized, rounded to the activation dtype (the rounding of
-`qatpass.dequantize(p, dtype=x.dtype)`) and multiplied with x in fp32. With SPLIT_K > 1 it
-writes fp32 partials that `splitk_reduce` sums in a fixed order (deterministic). The dispatcher
-sends only M == 1 here (CUDA-core FMAs per weight grow with M; from M = 2 the tensor-core GEMM
-with split-K keeps up with HBM better); more rows simply run more programs.
+Each program owns BLOCK_N weight rows and a run of STEPS K steps of BLOCK_K. Per step it loads
+the weight tile as int32 words [BLOCK_N, BLOCK_K/8] (four words, 128 bits, per thread,
+evict-first: weights are read once), the scales (and zeros) of the groups in the tile, and x;
+the next step's tiles are loaded before this step's math (prefetch in registers).
+
+Dequantisation, per weight: nibble j of a word sits at bits 4j..4j+3. Planes 4..7 are shifted
+down by 16 (one shift per word); then for j' = j % 4, OR-ing the masked nibble into the fp32
+2**23 gives f = 2**23 + nib * 2**(4j') exactly, and one FMA f * 2**(-4j') - (2**(23-4j') + 8
++ zero) gives the code (nib - 8 - zero) exactly (the exact result is a small integer, so the
+single rounding is none). A second FMA accumulates code * x: one LOP3 and two FMAs per weight.
+
+Numerics: code (|code| <= 15) times a bf16/fp16 x has at most 5 + 11 significant bits, so every
+product is exact in fp32; the eight products of a word are summed in fp32, multiplied by the
+group's scale once, and accumulated in fp32. That is the exact dot product of x with the exact
+dequantised weight (code - zero) * scale up to fp32 summation order, as qatpass's CPU kernel
+computes it. `qatpass.dequantize(p, dtype=x.dtype)` rounds each weight to x.dtype first; this
+kernel skips that rounding (its product code * scale is exact in fp32, so rounding it to bf16 is
+the same as the fp32-then-cast of the reference: the two differ only by that one rounding per
+weight, relative 2**-9 for bf16, never by a double rounding). For fp32 activations, and fp16
+activations of symmetric weights with bf16 scales (code * scale fits fp16's 11 bits), the
+reference's rounding is the identity and the results agree up to summation order alone.
+
+Split-K writes fp32 partials that `splitk_reduce` sums in a fixed order (deterministic); the
+launch plan (`plan.plan_gemv`) sizes the tile, the split and the grid from the real shapes.
 """
 
 from __future__ import annotations
@@ -14,63 +31,149 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from qatpass.kernels.triton.common import (
-    cast_rne,
-    choose_split_k,
-    even_k,
-    fitting_configs,
-    gemv_row,
-    interpreting,
-    next_power_of_2,
-    num_sms,
-    size_hint,
-)
+from qatpass.kernels.triton.common import cast_rne, interpreting, launch, num_sms
+from qatpass.kernels.triton.plan import GemvPlan, plan_gemv
 from qatpass.kernels.triton.splitk_reduce import splitk_reduce
 
-# BLOCK_N used to judge whether the output alone fills the GPU (split-K decision).
-NOMINAL_BLOCK_N = 16
-NOMINAL_BLOCK_K = 256
-
-# Small BLOCK_K (<= group size) keeps one scale per row per step; tall BLOCK_N shares each x
-# load across more rows. Both shapes are here; autotuning picks per (N, K, group size).
-GEMV_CONFIGS = [
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 256, "BLOCK_K": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 8, "BLOCK_K": 512}, num_warps=4, num_stages=2),
-]
+MAGIC = tl.constexpr(0x4B000000)  # fp32 2**23: its mantissa LSB has weight 1
+# AND masks keeping MAGIC's bits and nibble j' (bits 4j'..4j'+3) of a word OR-ed with MAGIC
+KEEP0 = tl.constexpr(0x4B00000F)
+KEEP1 = tl.constexpr(0x4B0000F0)
+KEEP2 = tl.constexpr(0x4B000F00)
+KEEP3 = tl.constexpr(0x4B00F000)
 
 
-def prune_gemv_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Drop tiles wider than K or N, prefer BLOCK_K within a group; one under the interpreter."""
-    args = {**named_args, **kwargs}
-    k_cap = max(64, next_power_of_2(args["K"]))
-    n_cap = max(8, next_power_of_2(args["N"]))
-    kept = fitting_configs(
-        configs,
-        lambda c: c.kwargs["BLOCK_K"] <= k_cap and c.kwargs["BLOCK_N"] <= n_cap,
-        args["GROUP_SIZE"],
+@triton.jit
+def _planes(t, BKW: tl.constexpr, NG: tl.constexpr, WG: tl.constexpr):
+    """t [BKW, 8] -> its eight columns, in order, each shaped [1, NG, WG] (in-thread splits)."""
+    even, odd = tl.split(tl.reshape(t, (BKW, 4, 2)))  # j = 0 2 4 6 | 1 3 5 7
+    e04, e26 = tl.split(tl.reshape(even, (BKW, 2, 2)))
+    o15, o37 = tl.split(tl.reshape(odd, (BKW, 2, 2)))
+    x0, x4 = tl.split(e04)
+    x2, x6 = tl.split(e26)
+    x1, x5 = tl.split(o15)
+    x3, x7 = tl.split(o37)
+    shape: tl.constexpr = (1, NG, WG)
+    return (
+        tl.reshape(x0, shape), tl.reshape(x1, shape), tl.reshape(x2, shape),
+        tl.reshape(x3, shape), tl.reshape(x4, shape), tl.reshape(x5, shape),
+        tl.reshape(x6, shape), tl.reshape(x7, shape),
+    )  # fmt: skip
+
+
+@triton.jit
+def _halves(words, INTERPRET: tl.constexpr):
+    """(words's low 16 bits, its high 16 bits) each under MAGIC's high half: one PRMT each."""
+    if INTERPRET:
+        return (words & 0xFFFF) | MAGIC, ((words >> 16) & 0xFFFF) | MAGIC
+    magic = tl.full(words.shape, MAGIC, tl.int32)
+    lo = tl.inline_asm_elementwise(
+        "prmt.b32 $0, $1, $2, 0x3254;", "=r,r,r", [magic, words], dtype=tl.int32,
+        is_pure=True, pack=1,
+    )  # fmt: skip
+    hi = tl.inline_asm_elementwise(
+        "prmt.b32 $0, $1, $2, 0x3276;", "=r,r,r", [magic, words], dtype=tl.int32,
+        is_pure=True, pack=1,
+    )  # fmt: skip
+    return lo, hi
+
+
+@triton.jit
+def _word_dot(words, xs, off0, off1, off2, off3, INTERPRET: tl.constexpr):
+    """sum_j code_j * x_j over the 8 nibbles of each word (fp32, products exact).
+
+    lo / hi (the word, and the word shifted down 16) OR-ed with MAGIC carry planes 0..3 / 4..7
+    in bits 0..15, which MAGIC leaves alone; AND-ing with MAGIC | (0xF << 4j') keeps exactly
+    MAGIC and nibble j'. Every LOP3 has a single immediate (no constant to materialise)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = xs
+    lo, hi = _halves(words, INTERPRET)
+    acc = (lo & KEEP0).to(tl.float32, bitcast=True) - off0
+    acc = acc * x0
+    acc += ((lo & KEEP1).to(tl.float32, bitcast=True) * 0.0625 - off1) * x1
+    acc += ((lo & KEEP2).to(tl.float32, bitcast=True) * 0.00390625 - off2) * x2
+    acc += ((lo & KEEP3).to(tl.float32, bitcast=True) * 0.000244140625 - off3) * x3
+    acc += ((hi & KEEP0).to(tl.float32, bitcast=True) - off0) * x4
+    acc += ((hi & KEEP1).to(tl.float32, bitcast=True) * 0.0625 - off1) * x5
+    acc += ((hi & KEEP2).to(tl.float32, bitcast=True) * 0.00390625 - off2) * x6
+    acc += ((hi & KEEP3).to(tl.float32, bitcast=True) * 0.000244140625 - off3) * x7
+    return acc
+
+
+@triton.jit
+def _dequant_rounded(words, scales, zeros, HAS_ZEROS: tl.constexpr, DTYPE: tl.constexpr,
+                     PACKED: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """The 8 weights of each word as fp32 values of round_DTYPE((code - zero) * scale), k order.
+
+    GPU: nibble pairs (j, j + 4) sit at bits 4j and 16 + 4j; shifted down and OR-ed into the
+    16-bit magic (bf16 128 / fp16 1024: unit mantissa LSB) they are two exact 16-bit floats
+    128 + nib (1024 + nib), one packed subtraction of 136 + zero (1032 + zero) gives the exact
+    codes, one packed multiply by the scale the weights, rounded once, as the reference's
+    fp32-then-cast (the product of a 5-bit integer and a 16-bit float is exact in fp32). That
+    needs the scale exactly in DTYPE (PACKED): bf16 scales for bf16 x; bf16 or fp16 scales for
+    fp16 x (a bf16 scale converts to fp16 exactly for |scale| >= 2**-17; below that, an fp16
+    subnormal, a weight can differ by one fp16 subnormal step, 2**-24). fp32 scales, and the
+    interpreter, take fp32 math and a round-to-nearest-even cast (same values, more work).
+    Zero points must lie in the scheme's code range [-8, 7] (so 136 + zero is a bf16 integer)."""
+    if INTERPRET or not PACKED:
+        zf = zeros.to(tl.float32) if HAS_ZEROS else 0.0
+        s = scales.to(tl.float32)
+        out = ()
+        for j in tl.static_range(8):
+            code = ((words >> (4 * j)) & 0xF).to(tl.float32) - 8.0 - zf
+            out = out + (cast_rne(code * s, DTYPE, INTERPRET).to(tl.float32),)
+        return out
+    if DTYPE == tl.bfloat16:
+        s16 = scales.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        magic: tl.constexpr = 0x43004300
+        c16 = 0x4308  # bf16 bits of 136 + zero: 128 + m has bits 0x4300 + m for m < 128
+        if HAS_ZEROS:
+            c16 = zeros.to(tl.int32) + 0x4308
+        sub: tl.constexpr = "sub.rn.bf16x2"
+        mul: tl.constexpr = "mul.rn.bf16x2"
+        unpack: tl.constexpr = (
+            "shl.b32 $0, t0, 16; and.b32 $4, t0, 0xffff0000;"
+            "shl.b32 $1, t1, 16; and.b32 $5, t1, 0xffff0000;"
+            "shl.b32 $2, t2, 16; and.b32 $6, t2, 0xffff0000;"
+            "shl.b32 $3, t3, 16; and.b32 $7, t3, 0xffff0000;"
+        )
+    else:
+        s16 = scales.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        magic: tl.constexpr = 0x64006400
+        c16 = 0x6408  # fp16 bits of 1032 + zero: 1024 + m has bits 0x6400 + m for m < 1024
+        if HAS_ZEROS:
+            c16 = zeros.to(tl.int32) + 0x6408
+        sub: tl.constexpr = "sub.rn.f16x2"
+        mul: tl.constexpr = "mul.rn.f16x2"
+        unpack: tl.constexpr = (
+            "mov.b32 {h0, h1}, t0; cvt.f32.f16 $0, h0; cvt.f32.f16 $4, h1;"
+            "mov.b32 {h0, h1}, t1; cvt.f32.f16 $1, h0; cvt.f32.f16 $5, h1;"
+            "mov.b32 {h0, h1}, t2; cvt.f32.f16 $2, h0; cvt.f32.f16 $6, h1;"
+            "mov.b32 {h0, h1}, t3; cvt.f32.f16 $3, h0; cvt.f32.f16 $7, h1;"
+        )
+    s2 = tl.broadcast_to(s16 * 0x10001, words.shape)  # the 16 bits in both halves
+    c2 = tl.broadcast_to(c16 * 0x10001 + tl.zeros_like(s16), words.shape)
+    asm: tl.constexpr = (
+        "{ .reg .b32 t0, t1, t2, t3, u; .reg .b16 h0, h1;"
+        f"lop3.b32 t0, $8, 0x000F000F, {magic}, 0xea;"
+        f"shr.u32 u, $8, 4; lop3.b32 t1, u, 0x000F000F, {magic}, 0xea;"
+        f"shr.u32 u, $8, 8; lop3.b32 t2, u, 0x000F000F, {magic}, 0xea;"
+        f"shr.u32 u, $8, 12; lop3.b32 t3, u, 0x000F000F, {magic}, 0xea;"
+        f"{sub} t0, t0, $10; {sub} t1, t1, $10; {sub} t2, t2, $10; {sub} t3, t3, $10;"
+        f"{mul} t0, t0, $9; {mul} t1, t1, $9; {mul} t2, t2, $9; {mul} t3, t3, $9;"
+        f"{unpack} }}"
     )
-    return kept[:1] if args["INTERPRET"] else kept
+    return tl.inline_asm_elementwise(
+        asm, "=f,=f,=f,=f,=f,=f,=f,=f,r,r,r", [words, s2, c2], dtype=(tl.float32,) * 8,
+        is_pure=True, pack=1,
+    )  # fmt: skip
 
 
-@triton.autotune(
-    configs=GEMV_CONFIGS,
-    key=["N", "K", "GROUP_SIZE", "SPLIT_K"],
-    prune_configs_by={"early_config_prune": prune_gemv_configs},
-)
 @triton.jit
 def w4a16_gemv_kernel(
     # tensors
-    x_ptr,  # fp16/bf16/fp32 [M, K]
-    qbytes_ptr,  # uint8 [N, K/2]: qweight's bytes, nibble k % 2 of byte k // 2 (low = even k)
+    x_ptr,  # fp16/bf16/fp32 [M, K], unit stride along K
+    qweight_ptr,  # int32 [N, K/8]: nibble j of word w is k = 8 w + j (low nibble first)
     scales_ptr,  # fp16/bf16/fp32 [N, K/G]
     zeros_ptr,  # int8 [N, K/G] signed zero-point codes, or None
     bias_ptr,  # [N] or None (added in the reduce kernel when SPLIT_K > 1)
@@ -78,53 +181,158 @@ def w4a16_gemv_kernel(
     # sizes
     N,
     K,
+    K_STEPS,  # cdiv(K, BLOCK_K)
+    STEPS,  # K steps per split
     # strides (elements)
     stride_xm,
-    stride_xk,
-    stride_qn,  # bytes
+    stride_qn,  # words
     stride_sn,
     stride_zn,
     stride_om,
-    stride_on,
     stride_os,
     # meta
     GROUP_SIZE: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0 for every config: no mask along K
-    INTERPRET: tl.constexpr,  # Triton interpreter: one config, bf16 rounding done by hand
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no mask along N
+    INTERPRET: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    UNROLL: tl.constexpr,  # loop unroll factor (renames the prefetch registers)
 ):
-    """out[m, n] = sum_k x[m, k] * w[n, k]; grid (M, N/BLOCK_N, SPLIT_K).
-
-    Rows on axis 0: it has no 65535 limit, and neighbouring programs share the weight tile."""
+    """out[m, n] = sum_k x[m, k] * w[n, k]; grid (M, N/BLOCK_N, SPLIT_K)."""
+    BKW: tl.constexpr = BLOCK_K // 8
+    NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1  # groups per tile
+    WG: tl.constexpr = BKW // NG  # words per group within the tile
     row = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_blocks, SPLIT_K)
-    kb_start = pid_k * per_split
-    kb_end = tl.minimum(kb_start + per_split, k_blocks)
-    acc = gemv_row(
-        x_ptr + row * stride_xm, stride_xk, qbytes_ptr, scales_ptr, zeros_ptr,
-        offs_n, kb_start, kb_end, N, K, stride_qn, stride_sn, stride_zn,
-        GROUP_SIZE=GROUP_SIZE, HAS_ZEROS=HAS_ZEROS, EVEN_K=EVEN_K, INTERPRET=INTERPRET,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-    )  # fmt: skip
-
+    offs_w = tl.arange(0, BKW)
+    offs_g = tl.arange(0, NG)
     mask_n = offs_n < N
+    kb = pid_k * STEPS
+    kb_end = tl.minimum(kb + STEPS, K_STEPS)
+
+    # int64 row offsets: N * K / 8 words can pass 2**31 (large vocab heads).
+    w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_qn
+    s_rows = scales_ptr + offs_n.to(tl.int64)[:, None] * stride_sn
+    if HAS_ZEROS:
+        z_rows = zeros_ptr + offs_n.to(tl.int64)[:, None] * stride_zn
+    else:
+        z_rows = s_rows  # unused
+    x_row = x_ptr + row * stride_xm
+    offs_x = offs_w[:, None] * 8 + tl.arange(0, 8)[None, :]
+
+    # 16-bit activations: weights rounded to x's dtype as the reference (see _dequant_rounded);
+    # fp32: exact (code - zero) * scale, the scale once per group
+    ROUNDED: tl.constexpr = x_ptr.dtype.element_ty != tl.float32
+    S_TY: tl.constexpr = scales_ptr.dtype.element_ty
+    PACKED: tl.constexpr = (S_TY == x_ptr.dtype.element_ty) or (
+        x_ptr.dtype.element_ty == tl.float16 and S_TY == tl.bfloat16
+    )
+    CH: tl.constexpr = 4 if WG % 4 == 0 else 1  # words per thread summed before the scale
+    acc = tl.zeros((BLOCK_N, NG, WG // CH), dtype=tl.float32)
+    # weights of step kb; in the loop, step + 1's are loaded before step's math (prefetch).
+    # Past the last step the prefetch is predicated off (its address stays in bounds).
+    last = kb_end - 1
+    wn = _load_words(w_rows, offs_w, tl.minimum(kb, last), kb <= last, mask_n, K, EVEN_K,
+                     EVEN_N, BLOCK_K)  # fmt: skip
+    for step in tl.range(kb, kb_end, loop_unroll_factor=UNROLL):
+        words = wn
+        nxt = tl.minimum(step + 1, last)
+        wn = _load_words(w_rows, offs_w, nxt, step < last, mask_n, K, EVEN_K, EVEN_N, BLOCK_K)
+        scales, zeros, x = _load_side(s_rows, z_rows, x_row, offs_g, offs_x, step, mask_n, K,
+                                      GROUP_SIZE, HAS_ZEROS, EVEN_K, EVEN_N, BLOCK_K, NG)  # fmt: skip
+        xs = _planes(x.to(tl.float32), BKW, NG, WG)
+        words = tl.reshape(words, (BLOCK_N, NG, WG))
+        if ROUNDED:
+            x0, x1, x2, x3, x4, x5, x6, x7 = xs
+            zz = zeros[:, :, None] if HAS_ZEROS else zeros
+            w0, w1, w2, w3, w4, w5, w6, w7 = _dequant_rounded(
+                words, scales[:, :, None], zz, HAS_ZEROS, x_ptr.dtype.element_ty,
+                PACKED, INTERPRET,
+            )  # fmt: skip
+            part = w0 * x0
+            part += w1 * x1
+            part += w2 * x2
+            part += w3 * x3
+            part += w4 * x4
+            part += w5 * x5
+            part += w6 * x6
+            part += w7 * x7
+            acc += tl.sum(tl.reshape(part, (BLOCK_N, NG, WG // CH, CH)), axis=3)
+        elif HAS_ZEROS:
+            zf = zeros.to(tl.float32)[:, :, None] + 8.0
+            part = _word_dot(
+                words, xs,
+                zf + 8388608.0, zf + 524288.0, zf + 32768.0, zf + 2048.0, INTERPRET,
+            )  # fmt: skip
+        else:
+            part = _word_dot(
+                words, xs,
+                8388616.0, 524296.0, 32776.0, 2056.0, INTERPRET,
+            )  # fmt: skip
+        if not ROUNDED:
+            part = tl.sum(tl.reshape(part, (BLOCK_N, NG, WG // CH, CH)), axis=3)
+            acc += part * scales.to(tl.float32)[:, :, None]
+
+    out_row = tl.sum(tl.sum(acc, axis=2), axis=1)
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        out = out_ptr + row * stride_om + offs_n * stride_on
-        tl.store(out, cast_rne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask_n)
+            out_row += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        out = out_ptr + row * stride_om + offs_n
+        tl.store(out, cast_rne(out_row, out_ptr.dtype.element_ty, INTERPRET), mask=mask_n)
     else:
-        out = out_ptr + pid_k * stride_os + row * stride_om + offs_n * stride_on
-        tl.store(out, acc, mask=mask_n)
+        out = out_ptr + pid_k * stride_os + row * stride_om + offs_n
+        tl.store(out, out_row, mask=mask_n)
+
+
+@triton.jit
+def _bounds(step, valid, offs, K, UNIT: tl.constexpr, PER_STEP: tl.constexpr,
+            EVEN_K: tl.constexpr):  # fmt: skip
+    """offs < the count of units (words, groups, elements) of step `step` inside K; all
+    false where `valid` is false (the prefetch past the last step)."""
+    if EVEN_K:
+        lim = tl.where(valid, PER_STEP, 0)
+    else:
+        lim = tl.where(valid, tl.cdiv(K, UNIT) - step * PER_STEP, 0)
+    return offs < lim
+
+
+@triton.jit
+def _load_words(w_rows, offs_w, step, live, mask_n, K, EVEN_K: tl.constexpr,
+                EVEN_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Step `step`'s weight words [BN, BKW] (zero outside [N, K]); nothing is read where
+    `live` is false (the prefetch past a split's last step: those registers go unused)."""
+    ptrs = w_rows + step * (BLOCK_K // 8) + offs_w[None, :]
+    mask = _bounds(step, live, offs_w, K, 8, BLOCK_K // 8, EVEN_K)[None, :]
+    if EVEN_K and EVEN_N:
+        return tl.load(ptrs, mask=mask, eviction_policy="evict_first")
+    if not EVEN_N:
+        mask = mask & mask_n[:, None]
+    return tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _load_side(s_rows, z_rows, x_row, offs_g, offs_x, step, mask_n, K,
+               GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, EVEN_K: tl.constexpr,
+               EVEN_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr):  # fmt: skip
+    """Step `step`'s scales and zeros [BN, NG] and x [BKW, 8] (zero outside [N, K])."""
+    g0 = (step * BLOCK_K) // GROUP_SIZE
+    mg = _bounds(step, True, offs_g, K, GROUP_SIZE, NG, EVEN_K)[None, :]
+    if not EVEN_N:
+        mg = mg & mask_n[:, None]
+    scales = tl.load(s_rows + g0 + offs_g[None, :], mask=mg, other=0.0)
+    if HAS_ZEROS:
+        zeros = tl.load(z_rows + g0 + offs_g[None, :], mask=mg, other=0)
+    else:
+        zeros = scales  # unused
+    mask_x = _bounds(step, True, offs_x, K, 1, BLOCK_K, EVEN_K)
+    x = tl.load(x_row + step * BLOCK_K + offs_x, mask=mask_x, other=0.0)
+    return scales, zeros, x
 
 
 def w4a16_gemv(
@@ -136,49 +344,55 @@ def w4a16_gemv(
     group_size: int,
     bias: torch.Tensor | None = None,
     split_k: int | None = None,
+    plan: GemvPlan | None = None,
 ) -> torch.Tensor:
-    """x [M, K] @ W.T for checked, contiguous packed inputs; group_size is the resolved G.
-
-    split_k=None picks it from the device's SM count; tests pass it to cover both paths.
-    """
+    """x [M, K] (unit stride along K) @ W.T for checked, contiguous packed inputs; group_size
+    is the resolved G. `plan` defaults to `plan_gemv` for these shapes on x's device (with
+    `split_k` forced when given: tests cover both paths)."""
     m, k = x.shape
     n = qweight.shape[0]
-    if split_k is None:
-        tiles = triton.cdiv(n, NOMINAL_BLOCK_N) * size_hint(m)
-        split_k = choose_split_k(tiles, triton.cdiv(k, NOMINAL_BLOCK_K), num_sms(x.device))
+    if plan is None:
+        plan = plan_gemv(m, n, k, group_size, num_sms(x.device), split_k)
+    split_k = plan.split_k
     if split_k == 1:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         stride_os = 0
     else:
         out = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
-        stride_os = out.stride(0)
-
-    def grid(meta):
-        return (m, triton.cdiv(n, meta["BLOCK_N"]), split_k)
-
-    wrap_triton(w4a16_gemv_kernel)[grid](
-        x_ptr=x,
-        qbytes_ptr=qweight.view(torch.uint8),
-        scales_ptr=scales,
-        zeros_ptr=zeros,
-        bias_ptr=bias,
-        out_ptr=out,
-        N=n,
-        K=k,
-        stride_xm=x.stride(0),
-        stride_xk=x.stride(1),
-        stride_qn=qweight.stride(0) * 4,
-        stride_sn=scales.stride(0),
-        stride_zn=0 if zeros is None else zeros.stride(0),
-        stride_om=out.stride(-2),
-        stride_on=out.stride(-1),
-        stride_os=stride_os,
-        GROUP_SIZE=group_size,
-        HAS_ZEROS=zeros is not None,
-        HAS_BIAS=bias is not None,
-        SPLIT_K=split_k,
-        EVEN_K=even_k(k),
-        INTERPRET=interpreting(),
+        stride_os = m * n
+    launch(
+        w4a16_gemv_kernel,
+        plan.grid,
+        dict(
+            x_ptr=x,
+            qweight_ptr=qweight,
+            scales_ptr=scales,
+            zeros_ptr=zeros,
+            bias_ptr=bias,
+            out_ptr=out,
+            N=n,
+            K=k,
+            K_STEPS=plan.k_steps,
+            STEPS=plan.steps,
+            stride_xm=x.stride(0),
+            stride_qn=qweight.stride(0),
+            stride_sn=scales.stride(0),
+            stride_zn=0 if zeros is None else zeros.stride(0),
+            stride_om=n,
+            stride_os=stride_os,
+            GROUP_SIZE=group_size,
+            HAS_ZEROS=zeros is not None,
+            HAS_BIAS=bias is not None,
+            SPLIT_K=split_k,
+            EVEN_K=k % plan.block_k == 0,
+            EVEN_N=n % plan.block_n == 0,
+            INTERPRET=interpreting(),
+            BLOCK_N=plan.block_n,
+            BLOCK_K=plan.block_k,
+            UNROLL=2,
+            num_warps=plan.num_warps,
+            num_stages=1,
+        ),
     )
     if split_k == 1:
         return out

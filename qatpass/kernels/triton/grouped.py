@@ -10,20 +10,20 @@ cannot pass unnoticed.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from qatpass.kernels.triton.common import (
     cast_rne,
-    even_k,
     fitting_configs,
     gemv_row,
     interpreting,
-    next_power_of_2,
-    size_hint,
+    launch,
 )
+from qatpass.kernels.triton.plan import cdiv, next_power_of_2
 
 GROUPED_CONFIGS = [
     triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=2),
@@ -34,29 +34,25 @@ GROUPED_CONFIGS = [
 ]
 
 
-def grouped_t_bucket(t: int) -> int:
-    """Autotune key for the row count T: powers of two up to 1024, then one bucket."""
-    return min(next_power_of_2(t), 1024)
-
-
 def prune_grouped_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Drop tiles wider than K or N, prefer BLOCK_K within a group; one under the interpreter."""
+    """Drop tiles wider than K or N, prefer BLOCK_K within a group."""
     args = {**named_args, **kwargs}
     k_cap = max(64, next_power_of_2(args["K"]))
     n_cap = max(8, next_power_of_2(args["N"]))
-    kept = fitting_configs(
+    return fitting_configs(
         configs,
         lambda c: c.kwargs["BLOCK_K"] <= k_cap and c.kwargs["BLOCK_N"] <= n_cap,
         args["GROUP_SIZE"],
     )
-    return kept[:1] if args["INTERPRET"] else kept
 
 
-@triton.autotune(
-    configs=GROUPED_CONFIGS,
-    key=["T_BUCKET", "N", "K", "GROUP_SIZE"],
-    prune_configs_by={"early_config_prune": prune_grouped_configs},
-)
+@functools.lru_cache(maxsize=1024)
+def grouped_config(n: int, k: int, group_size: int) -> triton.Config:
+    """The first config that fits (a fixed choice: nothing is benchmarked, so a CUDA-graph
+    capture never autotunes)."""
+    return prune_grouped_configs(GROUPED_CONFIGS, {"N": n, "K": k, "GROUP_SIZE": group_size})[0]
+
+
 @triton.jit
 def w4a16_grouped_kernel(
     # tensors
@@ -71,7 +67,6 @@ def w4a16_grouped_kernel(
     N,
     K,
     E,
-    T_BUCKET,  # autotune key only
     # strides (elements)
     stride_xt,
     stride_xk,
@@ -88,7 +83,7 @@ def w4a16_grouped_kernel(
     GROUP_SIZE: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0 for every config: no mask along K
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
     INTERPRET: tl.constexpr,  # Triton interpreter: one config, bf16 rounding done by hand
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -136,36 +131,41 @@ def w4a16_grouped(
     e, n, _ = qweight.shape
     out = torch.empty((t, n), device=x.device, dtype=x.dtype)
 
-    def grid(meta):
-        return (t, triton.cdiv(n, meta["BLOCK_N"]))
+    config = grouped_config(n, k, group_size)
 
-    wrap_triton(w4a16_grouped_kernel)[grid](
-        x_ptr=x,
-        expert_ids_ptr=expert_ids,
-        qbytes_ptr=qweight.view(torch.uint8),
-        scales_ptr=scales,
-        zeros_ptr=zeros,
-        bias_ptr=bias,
-        out_ptr=out,
-        N=n,
-        K=k,
-        E=e,
-        T_BUCKET=grouped_t_bucket(size_hint(t)),
-        stride_xt=x.stride(0),
-        stride_xk=x.stride(1),
-        stride_qe=qweight.stride(0) * 4,
-        stride_qn=qweight.stride(1) * 4,
-        stride_se=scales.stride(0),
-        stride_sn=scales.stride(1),
-        stride_ze=0 if zeros is None else zeros.stride(0),
-        stride_zn=0 if zeros is None else zeros.stride(1),
-        stride_be=0 if bias is None else bias.stride(0),
-        GROUP_SIZE=group_size,
-        HAS_ZEROS=zeros is not None,
-        HAS_BIAS=bias is not None,
-        EVEN_K=even_k(k),
-        INTERPRET=interpreting(),
-        stride_ot=out.stride(0),
-        stride_on=out.stride(1),
+    launch(
+        w4a16_grouped_kernel,
+        (t, cdiv(n, config.kwargs["BLOCK_N"])),
+        dict(
+            x_ptr=x,
+            expert_ids_ptr=expert_ids,
+            qbytes_ptr=qweight.view(torch.uint8),
+            scales_ptr=scales,
+            zeros_ptr=zeros,
+            bias_ptr=bias,
+            out_ptr=out,
+            N=n,
+            K=k,
+            E=e,
+            stride_xt=x.stride(0),
+            stride_xk=x.stride(1),
+            stride_qe=qweight.stride(0) * 4,
+            stride_qn=qweight.stride(1) * 4,
+            stride_se=scales.stride(0),
+            stride_sn=scales.stride(1),
+            stride_ze=0 if zeros is None else zeros.stride(0),
+            stride_zn=0 if zeros is None else zeros.stride(1),
+            stride_be=0 if bias is None else bias.stride(0),
+            GROUP_SIZE=group_size,
+            HAS_ZEROS=zeros is not None,
+            HAS_BIAS=bias is not None,
+            EVEN_K=k % config.kwargs["BLOCK_K"] == 0,
+            INTERPRET=interpreting(),
+            stride_ot=out.stride(0),
+            stride_on=out.stride(1),
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+            **config.kwargs,
+        ),
     )
     return out

@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from qatpass.kernels.triton.common import cast_rne, interpreting
+from qatpass.kernels.triton.common import cast_rne, interpreting, launch
 
 REDUCE_BLOCK = 1024
 
@@ -49,16 +48,20 @@ def splitk_reduce(
     split_k, m, n = partials.shape
     out = torch.empty((m, n), device=partials.device, dtype=dtype)
     mn = m * n
-    wrap_triton(splitk_reduce_kernel)[(triton.cdiv(mn, REDUCE_BLOCK),)](
-        partials_ptr=partials,
-        bias_ptr=bias,
-        out_ptr=out,
-        MN=mn,
-        N=n,
-        SPLIT_K=split_k,
-        HAS_BIAS=bias is not None,
-        INTERPRET=interpreting(),
-        BLOCK=REDUCE_BLOCK,
-        num_warps=4,
+    launch(
+        splitk_reduce_kernel,
+        (-(-mn // REDUCE_BLOCK),),
+        dict(
+            partials_ptr=partials,
+            bias_ptr=bias,
+            out_ptr=out,
+            MN=mn,
+            N=n,
+            SPLIT_K=split_k,
+            HAS_BIAS=bias is not None,
+            INTERPRET=interpreting(),
+            BLOCK=REDUCE_BLOCK,
+            num_warps=4,
+        ),
     )
     return out

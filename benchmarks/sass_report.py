@@ -1,0 +1,429 @@
+"""Static kernel report: what the W4A16 launchers would run on an H200, read from the SASS.
+
+    python benchmarks/sass_report.py [--out report.json] [--quick]
+
+No GPU needed. For each benchmark case (M, N x K, group, dtype, zeros) the launchers of
+`qatpass.kernels.triton` run on meta tensors with their launches captured (`capture_launches`,
+as on a 132-SM device); every captured kernel and config (every config autotuning could pick,
+for an autotuned kernel) is compiled for sm_90 with the runtime's specialisation (pointers and
+integers divisible by 16 marked so, integers equal to 1 made constants), through Triton's
+bundled ptxas, and read back with the bundled `cuobjdump -res-usage` and `nvdisasm`. Reported:
+
+- regs, spills (local memory bytes, STL/LDL instructions), shared memory;
+- the main loop: the innermost backward branch holding the weight loads (the kernels load
+  weights, and only weights, evict-first: `LDG.E.EF`), its static instruction count, the
+  width of each weight load, and instructions per weight = loop instructions / weights per
+  thread per iteration;
+- prefetch depth: 2 when the weight loads' registers are not read in the iteration that
+  issued them (software prefetch of the next step), the number of stages for async copies,
+  else 1;
+- CTAs against the 132 SMs, resident CTAs per SM (the occupancy limit from regs, shared memory
+  and warps, or fewer when the grid is smaller), waves, and weight bytes in flight per SM
+  (resident CTAs x weight bytes per step x prefetch depth).
+
+`check_row` holds the pass/fail rules the CI test (tests/test_sass_report.py) applies.
+Figures are static estimates from the instruction stream, not timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real (must precede the triton import)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import native_specialize_impl  # noqa: E402
+
+from qatpass.kernels.triton import w4a16_matmul  # noqa: E402
+from qatpass.kernels.triton.common import capture_launches  # noqa: E402
+
+# H200 (sm_90): SMs, and the per-SM limits that bound resident CTAs.
+SMS = 132
+REGS_PER_SM = 65536
+REG_ALLOC_PER_WARP = 256
+SMEM_PER_SM = 228 * 1024
+SMEM_RESERVED_PER_CTA = 1024
+MAX_WARPS_PER_SM = 64
+MAX_CTAS_PER_SM = 32
+TARGET = GPUTarget("cuda", 90, 32)
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+MS = (1, 16, 64, 512)
+SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672))  # (N, K)
+GROUPS = (32, 128)
+DTYPES = ("bfloat16", "float16")
+# Budgets the CI test enforces (see check_row).
+# Issue 14's target is 4. The GEMV rounds each weight to x's dtype exactly as the reference
+# does (packed 16-bit sub and mul, then one unpack to fp32 per weight before the fp32 FMA):
+# about 3.9 per weight of dequant and FMAs plus x, scale and loop overhead: 4.5-4.7 in all,
+# 4.8-4.9 for group 32 with zeros (two side values per row per 32 weights). The budget guards
+# those figures against regressions; it does not meet the target.
+GEMV_INSTR_PER_WEIGHT = 5.0
+MIN_WEIGHT_LOAD_BITS = 128
+
+_TORCH_TO_TRITON = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    m: int
+    n: int
+    k: int
+    group_size: int
+    dtype: str
+    zeros: bool
+
+    def tensors(self) -> dict:
+        dt = getattr(torch, self.dtype)
+        meta = functools.partial(torch.empty, device="meta")
+        ngroups = self.k // self.group_size
+        return {
+            "x": meta((self.m, self.k), dtype=dt),
+            "qweight": meta((self.n, self.k // 8), dtype=torch.int32),
+            "scales": meta((self.n, ngroups), dtype=torch.bfloat16),
+            "zeros": meta((self.n, ngroups), dtype=torch.int8) if self.zeros else None,
+        }
+
+
+def cases(
+    ms: Iterable[int] = MS,
+    shapes: Iterable[tuple[int, int]] = SHAPES,
+    groups: Iterable[int] = GROUPS,
+    dtypes: Iterable[str] = DTYPES,
+    zeros: Iterable[bool] = (False, True),
+) -> list[Case]:
+    return [
+        Case(m, n, k, g, dt, z)
+        for m in ms
+        for n, k in shapes
+        for g in groups
+        for dt in dtypes
+        for z in zeros
+    ]
+
+
+def captured_launches(case: Case) -> list:
+    """The launches w4a16_matmul issues for `case` on a 132-SM GPU (nothing runs)."""
+    t = case.tensors()
+    with capture_launches(sms=SMS) as launches:
+        w4a16_matmul(t["x"], t["qweight"], t["scales"], t["zeros"], group_size=case.group_size)
+    return launches
+
+
+def expand_configs(launch) -> list[tuple]:
+    """(jit function, meta kwargs, num_warps, num_stages, grid) per config the launch may run."""
+    kernel, kwargs = launch.kernel, dict(launch.kwargs)
+    if isinstance(kernel, Autotuner):
+        configs = kernel.configs
+        if kernel.early_config_prune:
+            configs = kernel.early_config_prune(configs, kwargs)
+        out = []
+        for c in configs:
+            meta = {**kwargs, **c.kwargs}
+            grid = launch.grid(meta) if callable(launch.grid) else launch.grid
+            out.append((kernel.fn, meta, c.num_warps, c.num_stages, grid))
+        return out
+    num_warps = kwargs.pop("num_warps", 4)
+    num_stages = kwargs.pop("num_stages", 3)
+    grid = launch.grid(kwargs) if callable(launch.grid) else launch.grid
+    return [(kernel, kwargs, num_warps, num_stages, grid)]
+
+
+def specialise(fn, kwargs: dict) -> tuple[dict, dict, dict]:
+    """signature, constexprs and attrs as the JIT would build them for these arguments."""
+    sig, constexprs, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params, strict=True)):
+        value = kwargs[name]
+        if param.is_constexpr:
+            sig[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            sig[name] = "*" + _TORCH_TO_TRITON[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # allocations are 16-byte aligned
+        else:
+            kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+            sig[name] = kind
+            if kind == "constexpr":
+                constexprs[name] = spec
+            elif spec:
+                attrs[(i,)] = BaseBackend.parse_attr(spec)
+    return sig, constexprs, attrs
+
+
+@functools.cache
+def _compile(fn, key: tuple, num_warps: int, num_stages: int):
+    sig, constexprs, attrs = (dict(part) for part in key)
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(src, target=TARGET, options=opts)
+
+
+def compile_sm90(fn, meta: dict, num_warps: int, num_stages: int):
+    sig, constexprs, attrs = specialise(fn, meta)
+    attrs = {k: tuple(tuple(a) for a in v) for k, v in attrs.items()}
+    key = (tuple(sig.items()), tuple(constexprs.items()), tuple(attrs.items()))
+    compiled = _compile(fn, key, num_warps, num_stages)
+    return compiled
+
+
+def _tool(name: str, cubin: bytes, *args: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        done = subprocess.run(
+            [str(BIN / name), *args, f.name], capture_output=True, text=True, check=True
+        )
+    return done.stdout
+
+
+@dataclasses.dataclass
+class Instr:
+    addr: int
+    pred: str
+    op: str  # full opcode with modifiers, e.g. LDG.E.128
+    operands: str
+    file: str
+    line: int
+
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?)\s*;")
+_LINE = re.compile(r'//## File "(.*)", line (\d+)')
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+
+
+def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
+    """Instructions (with the source line each came from) and label addresses."""
+    instrs: list[Instr] = []
+    labels: dict[str, int] = {}
+    file, line, pending = "", 0, []
+    for raw in text.splitlines():
+        if m := _LINE.search(raw):
+            file, line = m.group(1), int(m.group(2))
+        elif m := _LABEL.match(raw.strip()):
+            pending.append(m.group(1))
+        elif m := _INSTR.search(raw):
+            addr = int(m.group(1), 16)
+            for name in pending:
+                labels[name] = addr
+            pending = []
+            pred = (m.group(2) or "").strip()
+            instrs.append(Instr(addr, pred, m.group(3), m.group(4), file, line))
+    return instrs, labels
+
+
+def is_weight_load(ins: Instr) -> bool:
+    """Weights are the only evict-first loads (eviction_policy="evict_first": LDG...EF)."""
+    return ins.op.startswith("LDG") and ".EF" in ins.op
+
+
+def load_bits(op: str) -> int:
+    for width in (128, 64, 32, 16, 8):
+        if f".{width}" in op or f".U{width}" in op or f".S{width}" in op:
+            return width
+    return 32
+
+
+def _regs(operand_text: str) -> set[int]:
+    return {int(r) for r in re.findall(r"(?<![U\w])R(\d+)\b", operand_text)}
+
+
+def is_async_copy(ins: Instr) -> bool:
+    return ins.op.startswith("LDGSTS")
+
+
+def main_loop(instrs: list[Instr], labels: dict[str, int]) -> list[Instr] | None:
+    """The innermost backward-branch loop holding the most weight loads (or, where the
+    compiler turned loads into async copies to shared memory, the most of those)."""
+    loops = []
+    for ins in instrs:
+        if ins.op.startswith("BRA") and (m := re.search(r"\((\.L_x_\d+)\)", ins.operands)):
+            start = labels.get(m.group(1), ins.addr + 1)
+            if start <= ins.addr:
+                body = [i for i in instrs if start <= i.addr <= ins.addr]
+                loads = sum(is_weight_load(i) or is_async_copy(i) for i in body)
+                if loads:
+                    loops.append((-loads, len(body), body))
+    return min(loops, key=lambda t: (t[0], t[1]))[2] if loops else None
+
+
+def _dest_regs(ins: Instr) -> set[int]:
+    dest = ins.operands.split(",")[0].strip()
+    m = re.match(r"R(\d+)$", dest.split(".")[0])
+    if not m or ins.op.startswith(("ST", "RED", "ATOM", "BRA", "BAR")):
+        return set()
+    width = max(1, load_bits(ins.op) // 32) if ins.op.startswith("LD") else 1
+    return set(range(int(m.group(1)), int(m.group(1)) + width))
+
+
+def prefetch_depth(body: list[Instr], num_stages: int) -> int:
+    """2 if each batch of weight loads is first read only after the next batch is issued (for
+    the last batch: not in the iteration that issued it), i.e. the loop loads a step ahead;
+    num_stages - 1 for async copies; else 1."""
+    if any(is_async_copy(i) for i in body):
+        return max(1, num_stages - 1)
+    loads = [idx for idx, ins in enumerate(body) if is_weight_load(ins)]
+    batches: list[list[int]] = []
+    for idx in loads:
+        if batches and idx - batches[-1][-1] <= 16:
+            batches[-1].append(idx)
+        else:
+            batches.append([idx])
+    for b, batch in enumerate(batches):
+        regs: set[int] = set()  # registers holding this batch's loaded values, as issued
+        next_issue = batches[b + 1][0] if b + 1 < len(batches) else len(body)
+        for idx in range(batch[0], len(body)):
+            ins = body[idx]
+            if idx in batch:
+                regs |= _dest_regs(ins)
+                continue
+            srcs = ins.operands if ins.op.startswith("ST") else ins.operands.partition(",")[2]
+            if _regs(srcs) & regs:
+                if idx < next_issue or b + 1 == len(batches):
+                    return 1
+                break
+            regs -= _dest_regs(ins)
+            if not regs:
+                break
+    return 2
+
+
+def resource_usage(cubin: bytes) -> dict:
+    text = _tool("cuobjdump", cubin, "-res-usage")
+    fields = dict(re.findall(r"(\w+):(\d+)", text.split("Function", 1)[1]))
+    return {k: int(v) for k, v in fields.items()}
+
+
+def occupancy(regs: int, shared: int, warps: int) -> int:
+    """Resident CTAs per SM allowed by registers, shared memory and warps."""
+    per_warp = -(-max(regs, 1) * 32 // REG_ALLOC_PER_WARP) * REG_ALLOC_PER_WARP
+    by_regs = (REGS_PER_SM // per_warp) // warps
+    by_smem = SMEM_PER_SM // (shared + SMEM_RESERVED_PER_CTA)
+    return max(0, min(by_regs, by_smem, MAX_WARPS_PER_SM // warps, MAX_CTAS_PER_SM))
+
+
+def analyse(fn, meta: dict, num_warps: int, num_stages: int, grid) -> dict:
+    """The row of the report for one compiled kernel config."""
+    compiled = compile_sm90(fn, meta, num_warps, num_stages)
+    cubin = compiled.asm["cubin"]
+    res = resource_usage(cubin)
+    instrs, labels = parse_sass(_tool("nvdisasm", cubin, "-c", "-g"))
+    shared = int(compiled.metadata.shared)
+    spill_instrs = sum(i.op.startswith(("STL", "LDL")) for i in instrs)
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    ctas = grid[0] * grid[1] * grid[2]
+    occ = occupancy(res["REG"], shared, num_warps)
+    row = {
+        "kernel": fn.__name__,
+        "config": {k: v for k, v in meta.items() if k.isupper() and isinstance(v, (int, bool))},
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+        "regs": res["REG"],
+        "spill_bytes": res.get("LOCAL", 0) + res.get("STACK", 0),
+        "spill_instructions": spill_instrs,
+        "shared_bytes": shared,
+        "ctas": ctas,
+        "sms": SMS,
+        "occupancy_ctas_per_sm": occ,
+        "waves": round(ctas / (SMS * occ), 2) if occ else None,
+    }
+    body = main_loop(instrs, labels)
+    if body is None or "BLOCK_N" not in meta or "BLOCK_K" not in meta:
+        return row
+    weights_per_step = meta["BLOCK_N"] * meta["BLOCK_K"]
+    # an unrolled loop runs UNROLL K steps per iteration
+    per_thread = weights_per_step * meta.get("UNROLL", 1) / (32 * num_warps)
+    widths = sorted({load_bits(i.op) for i in body if is_weight_load(i)})
+    copies = sorted({load_bits(i.op) for i in body if is_async_copy(i)})
+    depth = prefetch_depth(body, num_stages)
+    resident = min(occ, -(-ctas // SMS))
+    row.update(
+        {
+            "loop_instructions": len(body),
+            "weights_per_thread_step": per_thread,
+            "instr_per_weight": round(len(body) / per_thread, 2),
+            "weight_load_bits": widths or None,  # None: weights arrive by async copy
+            "async_copy_bits": copies or None,
+            "prefetch_depth": depth,
+            "kb_in_flight_per_sm": round(resident * weights_per_step / 2 * depth / 1024, 1),
+        }
+    )
+    return row
+
+
+def check_row(row: dict) -> list[str]:
+    """What the CI test refuses: any spill, weight loads under 128 bits, a GEMV main loop over
+    its instruction budget."""
+    bad = []
+    if row["spill_bytes"] or row["spill_instructions"]:
+        bad.append(f"spills ({row['spill_bytes']} B local, {row['spill_instructions']} STL/LDL)")
+    if row.get("weight_load_bits") and min(row["weight_load_bits"]) < MIN_WEIGHT_LOAD_BITS:
+        bad.append(f"weight loads of {row['weight_load_bits']} bits")
+    if "gemv" in row["kernel"] and row.get("instr_per_weight", 0) > GEMV_INSTR_PER_WEIGHT:
+        bad.append(f"{row['instr_per_weight']} instructions per weight in the GEMV main loop")
+    return bad
+
+
+def report(selected: Sequence[Case]) -> list[dict]:
+    rows = []
+    for case in selected:
+        for launch in captured_launches(case):
+            for fn, meta, warps, stages, grid in expand_configs(launch):
+                row = {**dataclasses.asdict(case), **analyse(fn, meta, warps, stages, grid)}
+                row["violations"] = check_row(row)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
+QUICK = [  # a representative subset (the CI test's): every kernel family and group path
+    Case(1, 4096, 4096, 32, "bfloat16", False),
+    Case(1, 8192, 28672, 128, "float16", True),
+    Case(1, 14336, 4096, 128, "bfloat16", False),
+    Case(16, 4096, 14336, 32, "bfloat16", True),
+    Case(64, 4096, 4096, 128, "float16", False),
+    Case(512, 14336, 4096, 32, "bfloat16", False),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="write the JSON here instead of stdout")
+    parser.add_argument("--quick", action="store_true", help="the CI subset only")
+    parser.add_argument("--ms", type=int, nargs="+", default=list(MS))
+    args = parser.parse_args(argv)
+    selected = QUICK if args.quick else cases(ms=args.ms)
+    rows = report(selected)
+    result = {"target": "sm_90 (H200, 132 SMs), static", "triton": triton.__version__,
+              "rows": rows, "violations": sum(bool(r["violations"]) for r in rows)}  # fmt: skip
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

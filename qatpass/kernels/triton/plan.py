@@ -1,0 +1,136 @@
+"""Launch plans: which kernel, tile, split-K and grid a W4A16 call runs, from its real shapes.
+
+Pure functions of (M, N, K, group size, SM count), cached: the launchers call them on every
+call with the run-time M (never a trace-time size hint), so a graph traced at one M launches
+what the real M needs. No autotuning: the plans are fixed rules checked by the static kernel
+report (benchmarks/sass_report.py), which keeps CUDA-graph capture free of benchmarking.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+# Rows up to which w4a16_matmul runs the GEMV (CUDA cores); above it, the tensor-core GEMM.
+# A GEMV spends about 3 instructions per weight on dequant and one FMA per weight per row, and
+# an H200 issues about 3.5 instructions per weight streamed at full HBM bandwidth: from two
+# rows on, the CUDA cores, not memory, would bound it.
+GEMV_MAX_M = 1
+# CTAs per SM the GEMV configs reach (4 warps, <= 128 registers); the static report checks it.
+GEMV_OCCUPANCY = 4
+GEMV_WAVES = 2
+GEMV_MAX_BLOCK_K = 512
+GEMV_ROWS_PER_THREAD = 4
+GEMV_WARPS = 4
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class GemvPlan:
+    """A GEMV launch: tile BLOCK_N x BLOCK_K, `split_k` splits of `steps` K steps each."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    split_k: int
+    steps: int
+    k_steps: int
+    grid: tuple[int, int, int]
+    kernel: str = "gemv"
+
+
+def gemv_block_k(k: int, group_size: int) -> int:
+    """The largest power-of-two BLOCK_K <= 512 that tiles whole groups or lies in one (so each
+    step reads whole scales), no wider than K needs; at least 32 (four words per thread)."""
+    cap = max(32, min(GEMV_MAX_BLOCK_K, next_power_of_2(k)))
+    bk = cap
+    while bk > 32 and group_size % bk and bk % group_size:
+        bk //= 2
+    return bk
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_gemv(
+    m: int, n: int, k: int, group_size: int, sms: int, split_k: int | None = None
+) -> GemvPlan:
+    """Tile from K and the group; split K until the grid covers GEMV_WAVES waves of the GPU at
+    GEMV_OCCUPANCY CTAs per SM (or every split has a single step). `split_k` forces a split."""
+    bk = gemv_block_k(k, group_size)
+    # four 128-bit words per thread along K, GEMV_ROWS_PER_THREAD rows per thread
+    bn = GEMV_ROWS_PER_THREAD * GEMV_WARPS * 32 * 4 // (bk // 8)
+    bn = max(16, min(bn, next_power_of_2(n)))
+    if split_k is None:
+        k_steps = cdiv(k, bk)
+        split_k = 1
+        while (
+            m * cdiv(n, bn) * split_k < GEMV_WAVES * GEMV_OCCUPANCY * sms and split_k * 2 <= k_steps
+        ):
+            split_k *= 2
+    return gemv_tile_plan(m, n, k, bn, bk, split_k)
+
+
+def gemv_tile_plan(m: int, n: int, k: int, block_n: int, block_k: int, split_k: int) -> GemvPlan:
+    """The GEMV launch of a given tile and split (splits without a K step are dropped)."""
+    k_steps = cdiv(k, block_k)
+    steps = cdiv(k_steps, max(1, split_k))
+    split = cdiv(k_steps, steps)
+    return GemvPlan(block_n, block_k, GEMV_WARPS, split, steps, k_steps,
+                    (m, cdiv(n, block_n), split))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """A tensor-core GEMM launch: tile BLOCK_M x BLOCK_N x BLOCK_K, split-K, warps, stages."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    split_k: int
+    grid: tuple[int, int, int]
+    kernel: str = "gemm"
+
+
+# (largest M, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the tile grows with the real M.
+GEMM_TILES = (
+    (16, 16, 128, 128, 4, 4),
+    (32, 32, 64, 128, 4, 4),
+    (64, 64, 128, 64, 4, 4),
+    (None, 128, 128, 64, 8, 3),
+)
+GEMM_MAX_SPLIT_K = 16
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_gemm(
+    m: int, n: int, k: int, group_size: int, sms: int, split_k: int | None = None
+) -> GemmPlan:
+    """The tile row of GEMM_TILES for this M, BLOCK_K narrowed to lie within a group (one
+    scale per column per step) and to K; split K until the output tiles cover the SMs."""
+    row = next(r for r in GEMM_TILES if r[0] is None or m <= r[0])
+    _, bm, bn, bk, warps, stages = row
+    while bk > 16 and (group_size % bk or bk > max(16, next_power_of_2(k))):
+        bk //= 2
+    bn = max(16, min(bn, next_power_of_2(n)))
+    tiles = cdiv(m, bm) * cdiv(n, bn)
+    k_blocks = cdiv(k, bk)
+    if split_k is None:
+        split_k = 1
+        while tiles * split_k < sms and split_k * 2 <= min(k_blocks, GEMM_MAX_SPLIT_K):
+            split_k *= 2
+    return GemmPlan(bm, bn, bk, warps, stages, split_k, (cdiv(m, bm), cdiv(n, bn), split_k))
+
+
+def plan_linear(m: int, n: int, k: int, group_size: int, sms: int) -> GemvPlan | GemmPlan:
+    """What w4a16_matmul launches for x [M, K] and a weight [N, K] of this group size."""
+    if m <= GEMV_MAX_M:
+        return plan_gemv(m, n, k, group_size, sms)
+    return plan_gemm(m, n, k, group_size, sms)
