@@ -596,3 +596,23 @@ def test_library_compressor_with_fp32_scales_is_fp32_dequantize(scheme_id):
     }
     out = PackedQuantizationCompressor.decompress(state, QuantizationScheme.model_validate(qc))
     torch.testing.assert_close(out["weight"], qatpass.dequantize(p), **EXACT)
+
+
+def test_the_plan_travels_into_the_checkpoint_and_back(tmp_path):
+    model = tiny_llama()
+    b = qatpass.backend(compiler="aot_eager")
+    ids = torch.randint(0, 128, (2, 8))
+    torch.compile(model, backend=b)(ids)
+    qmodel = qatpass.convert(model, plan=b.plan)
+    out = qatpass.export.save_compressed_tensors(qmodel, tmp_path / "ckpt")
+    cfg = json.loads((out / "config.json").read_text())
+    recorded = cfg["quantization_config"]["qatpass"]["plan"]
+    assert qatpass.QuantPlan.from_dict(recorded).quantized_names == b.plan.quantized_names
+    loaded = qatpass.export.load_compressed_tensors(out)
+    assert loaded.qatpass_plan.quantized_names == b.plan.quantized_names
+    assert loaded.qatpass_plan.skipped["lm_head.weight"].reason.startswith("the output head")
+    # a tampered plan is refused with the file's name
+    recorded["version"] = 99
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config.json: the recorded qatpass plan"):
+        qatpass.export.load_compressed_tensors(out)

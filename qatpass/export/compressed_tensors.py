@@ -31,7 +31,7 @@ from torch import nn
 from qatpass.config import QatConfig
 from qatpass.export.safetensors_io import atomic_dir, read_tensors, write_shards
 from qatpass.export.weights import ModelWeights, PackedEntry, collect_weights, drop_tied
-from qatpass.passes.plan import EXPERT_PARAM_NAMES, is_conv1d, is_experts_module
+from qatpass.passes.plan import EXPERT_PARAM_NAMES, QuantPlan, is_conv1d, is_experts_module
 from qatpass.scheme import CODE_OFFSET, Int4Scheme, PackedWeight, pack_int4, unpack_int4
 
 __all__ = [
@@ -218,10 +218,21 @@ def save_compressed_tensors(
     tensors = _state_dict(weights)
     cfg = _model_config(model)
     cfg["quantization_config"] = quantization_config(weights.scheme, weights.ignore)
+    cfg["quantization_config"][QATPASS_KEY]["plan"] = _plan_of(model, config).to_dict()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_shards(tensors, tmp, max_shard_size)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)
+
+
+def _plan_of(model: nn.Module, config: QatConfig | None) -> QuantPlan:
+    """The plan the written weights follow: a converted model's own, else the module plan."""
+    plan = getattr(model, "qatpass_plan", None)
+    if isinstance(plan, QuantPlan):
+        return plan
+    from qatpass.lowering.convert import module_plan
+
+    return module_plan(model, config)[0]
 
 
 # ----------------------------------------------------------------------------- load
@@ -595,4 +606,12 @@ def load_compressed_tensors(path: str | os.PathLike, model: nn.Module | None = N
                 f"{path}: tensor {name!r} has shape {list(t.shape)}, model {list(state[name].shape)}"
             )
     model.load_state_dict(plain, strict=False)
-    return install_packed(model, weights)
+    served = install_packed(model, weights)
+    ours = cfg.get("quantization_config", {}).get(QATPASS_KEY)
+    recorded = ours.get("plan") if isinstance(ours, dict) else None
+    if recorded is not None:
+        try:
+            served.qatpass_plan = QuantPlan.from_dict(recorded)
+        except ValueError as e:
+            raise ValueError(f"{path / 'config.json'}: the recorded qatpass plan: {e}") from e
+    return served
