@@ -12,8 +12,12 @@ import difflib
 import math
 import re
 from html import escape
+from typing import TYPE_CHECKING
 
-from qatpass.graph_diff.report import DiffReport, GraphDiff, format_db, format_err
+from qatpass.graph_diff.formatting import format_db, format_err
+
+if TYPE_CHECKING:  # the report renders itself through this module: no import back at run time
+    from qatpass.graph_diff.report import DiffReport, GraphDiff
 
 __all__ = ["render_html"]
 

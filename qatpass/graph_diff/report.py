@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qatpass.graph_diff.capture import GraphBreak
+from qatpass.graph_diff.formatting import format_db, format_err
 from qatpass.graph_diff.numbers import LayerNumbers
 from qatpass.graph_diff.structure import NodeChange
 from qatpass.report import QuantizedParam, SkippedParam
@@ -128,18 +129,6 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
-
-
-def format_db(v: float | None) -> str:
-    if v is None:
-        return "-"
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    return f"{v:.1f}"
-
-
-def format_err(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3g}"
 
 
 def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
