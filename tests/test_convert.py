@@ -280,3 +280,28 @@ def test_per_channel_with_k_not_a_power_of_two():
     x = torch.randn(2, 48)
     ref = torch.nn.functional.linear(x, qatpass.fake_quantize(m.weight, scheme), m.bias)
     torch.testing.assert_close(convert(m, scheme)(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_refresh_is_all_or_nothing_and_names_the_bad_weight():
+    model = tiny_llama()
+    qmodel = convert(model)
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)  # every weight changes ...
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")  # ... and a late one is bad
+    with pytest.raises(ValueError, match=r"refresh: model\.layers\.1\.mlp\.down_proj\.weight: "):
+        refresh(qmodel, model)
+    after = qmodel.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was written
+
+
+def test_convert_names_the_bad_weight_and_leaves_the_model_alone():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight[0, 0] = float("inf")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"convert: model\.layers\.0\.self_attn\.k_proj\.weight"):
+        convert(model)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert type(model.model.layers[0].self_attn.k_proj) is torch.nn.Linear
