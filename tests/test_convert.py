@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_models import LLAMA_QUANTIZED, MOE_QUANTIZED, tiny_llama, tiny_qwen3_moe
 from torch import nn
 
@@ -305,3 +306,27 @@ def test_convert_names_the_bad_weight_and_leaves_the_model_alone():
         convert(model)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert type(model.model.layers[0].self_attn.k_proj) is torch.nn.Linear
+
+
+class _BareLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, 64))
+
+    def forward(self, x):
+        return F.linear(x, self.w)
+
+
+def test_a_bare_parameter_is_served_packed_and_survives_deepcopy():
+    from qatpass.lowering.packed_tensor import PackedTensor
+
+    model, x = _BareLinear(), torch.randn(3, 64)
+    qmodel = convert(model, (x,))
+    assert isinstance(qmodel.w, PackedTensor) and qmodel.w.shape == (32, 64)
+    twin = copy.deepcopy(qmodel)
+    assert isinstance(twin.w, PackedTensor) and twin.w.packed.qweight is not qmodel.w.packed.qweight
+    torch.testing.assert_close(twin(x), qmodel(x), **EXACT)
+    ref = F.linear(x, qatpass.fake_quantize(model.w.detach(), dim=1))
+    torch.testing.assert_close(qmodel(x), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"parameters model code uses directly \(\['w'\]\)"):
+        qatpass.export.save_compressed_tensors(qmodel, "unused")

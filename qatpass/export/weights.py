@@ -106,6 +106,25 @@ def _ignored(model: nn.Module, quantized_modules: set[str]) -> list[str]:
     return names
 
 
+def _refuse_packed_tensors(model: nn.Module) -> None:
+    """Checkpoint formats name weights by module (`<module>.weight_packed`): a parameter that model
+    code uses directly, served as a PackedTensor, has no such module, so it is refused by name."""
+    from qatpass.lowering.packed_tensor import PackedTensor
+
+    found = [
+        f"{name}.{attr}" if name else attr
+        for name, module in model.named_modules()
+        for attr, value in vars(module).items()
+        if isinstance(value, PackedTensor)
+    ]
+    if found:
+        raise ValueError(
+            f"{len(found)} packed weight(s) are parameters model code uses directly ({found[:4]}); "
+            "compressed-tensors names packed weights by their Linear module, so these cannot be "
+            "written: serve them with qatpass (convert) or move them into nn.Linear modules"
+        )
+
+
 def collect_weights(model: nn.Module, config: QatConfig | None = None) -> ModelWeights:
     """Packed and plain tensors of `model`, packed ones quantized with `config` when needed.
 
@@ -116,6 +135,7 @@ def collect_weights(model: nn.Module, config: QatConfig | None = None) -> ModelW
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if config is not None and not isinstance(config, QatConfig):
         raise TypeError(f"config must be a QatConfig, got {type(config).__name__}")
+    _refuse_packed_tensors(model)
     state = dict(model.state_dict(keep_vars=False))
     converted = _converted_entries(model)
     scheme = _single_scheme([e for e, _ in converted], config)

@@ -49,6 +49,15 @@ class PackedTensor(torch.Tensor):
             f"group_size={p.group_size}, symmetric={p.scheme.symmetric})"
         )
 
+    def __deepcopy__(self, memo: dict) -> PackedTensor:
+        p = self.packed
+        zeros = None if p.zeros is None else p.zeros.clone()
+        return PackedTensor(
+            PackedWeight(
+                p.qweight.clone(), p.scales.clone(), zeros, p.shape, p.dim, p.dtype, p.scheme
+            )
+        )
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize(self.packed, dtype)
 
