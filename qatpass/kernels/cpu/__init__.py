@@ -5,7 +5,9 @@
 
 `cpu_path` says, from shapes and dtypes alone (never values), which path a packed weight takes
 for an activation dtype: qatpass's native kernel (`native`), aten's int4 GEMM on a repack
-(`int4pack`, e.g. fp16 activations), or the scheme's dequantize + F.linear (`dequant`). The
+(`int4pack`, e.g. fp16 activations), or the scheme's dequantize + F.linear (`dequant`). Within
+`native`, each call picks by M: bf16 x with M >= `gemm.GEMM_MIN_M` rows decodes the weight
+panel by panel to bf16 and runs torch's bf16 GEMM on it (`gemm.py`), else the native kernel. The
 aten repack is this package's concern: it is built on first use and cached beside the
 canonical qweight (keyed on the tensor and its version counter), so an in-place refresh of the
 canonical buffers invalidates it and nothing else ever holds or passes it.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from qatpass.kernels.cpu.gemm import gemm_linear, use_gemm
 from qatpass.kernels.cpu.int4pack import (
     CPU_PATH_NAMES,
     cached_repack,
@@ -76,7 +79,10 @@ def _repack(path: str, qweight, scales, group_size: int, dtype: torch.dtype):
 
 def _run(path, repack, x2d, qweight, scales, zeros, bias, group_size: int) -> torch.Tensor:
     if path == "native":
-        return run_native(library(), x2d, qweight, scales, zeros, bias, group_size)
+        lib = library()
+        if use_gemm(x2d):
+            return gemm_linear(lib, x2d, qweight, scales, zeros, bias, group_size)
+        return run_native(lib, x2d, qweight, scales, zeros, bias, group_size)
     if repack is not None:
         return int4pack_linear(x2d, repack[0], repack[1], bias)
     return dequant_linear(x2d, qweight, scales, zeros, bias, group_size=group_size)

@@ -31,7 +31,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from qatpass.packed_args import check_packed_args
 
@@ -109,13 +108,23 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"build failed: {e}"
     if not lib.qp_cpu_supported():
         return None, "this CPU lacks AVX-512 BW/BF16 or F16C"
-    lib.qp_w4a16_bf16.argtypes = [_PTR, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _INT, _I64, _I64,
-                                  _I64, _I64, _INT]  # fmt: skip
-    lib.qp_w4a16_bf16.restype = None
-    lib.qp_w4a16_f32.argtypes = [_PTR, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _I64, _I64, _I64,
-                                 _I64, _INT]  # fmt: skip
-    lib.qp_w4a16_f32.restype = None
+    _declare(lib)
     return lib, None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """The C signatures (csrc/w4a16_cpu.c), so ctypes converts the arguments."""
+    lib.qp_w4a16_bf16.argtypes = [_PTR, _I64, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _INT, _I64,
+                                  _I64, _I64, _I64, _INT]  # fmt: skip
+    lib.qp_w4a16_bf16.restype = _INT
+    lib.qp_w4a16_f32.argtypes = [_PTR, _I64, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _I64, _I64,
+                                 _I64, _I64, _INT]  # fmt: skip
+    lib.qp_w4a16_f32.restype = _INT
+    lib.qp_arrange_bf16.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
+    lib.qp_arrange_bf16.restype = None
+    lib.qp_decode_bf16.argtypes = [_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64,
+                                   _INT]  # fmt: skip
+    lib.qp_decode_bf16.restype = None
 
 
 _disabled_depth = 0
@@ -168,15 +177,6 @@ def native_reason(
     return None
 
 
-def _arrange(x2d: torch.Tensor, block: int) -> torch.Tensor:
-    """x [M, K] -> [M, ceil(K/block), 2, block/2]: per block of k, even k first, then odd k."""
-    m, k = x2d.shape
-    pad = -k % block
-    if pad:
-        x2d = F.pad(x2d, (0, pad))
-    return x2d.reshape(m, -1, block // 2, 2).transpose(-1, -2).contiguous()
-
-
 def native_linear(
     x2d: torch.Tensor,
     qweight: torch.Tensor,
@@ -185,10 +185,10 @@ def native_linear(
     bias: torch.Tensor | None,
     group_size: int,
 ) -> torch.Tensor:
-    """x2d [M, K] @ W.T (+ bias) -> [M, N] in x2d.dtype.
+    """x2d [M, K] @ W.T (+ bias) -> [M, N] in x2d.dtype, on the native kernel at every M.
 
-    Shapes, dtypes and devices are checked here (the C code trusts them); ValueError when
-    `native_reason` refuses the call.
+    Shapes, dtypes and devices are checked here; ValueError when `native_reason` refuses the
+    call. (`kernels.cpu.linear` picks between this and the GEMM on decoded panels per M.)
     """
     lib, why = _load()
     if lib is None:
@@ -204,6 +204,59 @@ def native_linear(
     return run_native(lib, x2d, qweight, scales, zeros, bias, g)
 
 
+def check_native_args(
+    x2d: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+) -> tuple[int, int, int]:
+    """The invariants the C code relies on (sizes of every buffer it reads, dtypes, CPU); cheap
+    (~2 us), so every call into the library checks them even after `check_packed_args`.
+
+    Returns (M, N, K); ValueError naming the argument otherwise.
+    """
+    if x2d.dim() != 2 or x2d.dtype not in NATIVE_DTYPES or x2d.device.type != "cpu":
+        raise ValueError(
+            f"native kernel: x must be a 2-d bfloat16/float32 CPU tensor, got {x2d.dtype} "
+            f"{tuple(x2d.shape)} on {x2d.device}"
+        )
+    m, k = x2d.shape
+    if qweight.dim() != 2 or qweight.dtype != torch.int32 or qweight.shape[1] * 8 != k:
+        raise ValueError(
+            f"native kernel: qweight must be int32 [N, K/8] = [N, {k // 8}], got "
+            f"{qweight.dtype} {tuple(qweight.shape)}"
+        )
+    n = qweight.shape[0]
+    g = group_size
+    if k % 32 or g <= 0 or g % 32 or k % g or (g != k and g & (g - 1)):
+        raise ValueError(f"native kernel: K={k} and group_size={g} violate its rules")
+    want = (n, k // g)
+    if scales.shape != want or scales.dtype not in _SCALE_KIND:
+        raise ValueError(f"native kernel: scales must be {want}, got {tuple(scales.shape)}")
+    if zeros is not None and (zeros.shape != want or zeros.dtype != torch.int8):
+        raise ValueError(f"native kernel: zeros must be int8 {want}, got {tuple(zeros.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"native kernel: bias must be ({n},), got {tuple(bias.shape)}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"native kernel: {name} must be on CPU, got {t.device}")
+    return m, n, k
+
+
+def _weight_ptrs(qweight, scales, zeros):
+    """Contiguous weight buffers (kept alive by the caller) and the zeros pointer."""
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    zeros = None if zeros is None else zeros.contiguous()
+    return qweight, scales, zeros, None if zeros is None else zeros.data_ptr()
+
+
+def _x_rows(x2d: torch.Tensor) -> torch.Tensor:
+    """x with unit stride along K (rows may be strided: the C code takes the row stride)."""
+    return x2d if x2d.stride(-1) == 1 and x2d.stride(0) >= x2d.shape[1] else x2d.contiguous()
+
+
 def run_native(
     lib: ctypes.CDLL,
     x2d: torch.Tensor,
@@ -213,25 +266,24 @@ def run_native(
     bias: torch.Tensor | None,
     group_size: int,
 ) -> torch.Tensor:
-    """`native_linear` minus its checks, for callers that validated (the ops): saves ~3 us."""
-    m, k = x2d.shape
-    n = qweight.shape[0]
-    qweight, scales = qweight.contiguous(), scales.contiguous()
-    zeros = None if zeros is None else zeros.contiguous()
-    zeros_ptr = None if zeros is None else zeros.data_ptr()
+    """`native_linear` minus the machine checks, for callers that chose the path (the ops).
+
+    The invariants the C code relies on are checked again here (`check_native_args`).
+    """
+    m, n, k = check_native_args(x2d, qweight, scales, zeros, bias, group_size)
+    qweight, scales, zeros, zeros_ptr = _weight_ptrs(qweight, scales, zeros)
     bias32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
     bias_ptr = None if bias32 is None else bias32.data_ptr()
     y = torch.empty((m, n), dtype=x2d.dtype)
-    if m == 0:
+    if m == 0 or n == 0:
         return y
+    x2d = _x_rows(x2d)
     threads = torch.get_num_threads()
     kind = _SCALE_KIND[scales.dtype]
-    if x2d.dtype == torch.bfloat16:
-        xa = _arrange(x2d, 64)
-        lib.qp_w4a16_bf16(xa.data_ptr(), qweight.data_ptr(), scales.data_ptr(), kind, zeros_ptr,
-                          bias_ptr, y.data_ptr(), 0, m, n, k, group_size, threads)  # fmt: skip
-    else:
-        xa = _arrange(x2d.contiguous(), 32)
-        lib.qp_w4a16_f32(xa.data_ptr(), qweight.data_ptr(), scales.data_ptr(), kind, zeros_ptr,
-                         bias_ptr, y.data_ptr(), m, n, k, group_size, threads)  # fmt: skip
+    fn = lib.qp_w4a16_bf16 if x2d.dtype == torch.bfloat16 else lib.qp_w4a16_f32
+    extra = (0,) if x2d.dtype == torch.bfloat16 else ()  # bf16: out_kind 0 (bf16 y)
+    rc = fn(x2d.data_ptr(), x2d.stride(0), qweight.data_ptr(), scales.data_ptr(), kind,
+            zeros_ptr, bias_ptr, y.data_ptr(), *extra, m, n, k, group_size, threads)  # fmt: skip
+    if rc:
+        raise MemoryError("native kernel: no memory for the arranged activations")
     return y
