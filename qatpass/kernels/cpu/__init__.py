@@ -15,6 +15,8 @@ canonical buffers invalidates it and nothing else ever holds or passes it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from qatpass.kernels.cpu.gemm import gemm_linear, use_gemm
@@ -25,7 +27,7 @@ from qatpass.kernels.cpu.int4pack import (
     dequant_linear,
     int4pack_linear,
 )
-from qatpass.kernels.cpu.native import library, native_reason, run_native
+from qatpass.kernels.cpu.native import disabled_depth, library, native_reason, run_native
 
 __all__ = ["CPU_PATH_NAMES", "cpu_path", "grouped_linear", "linear"]
 
@@ -68,7 +70,13 @@ def linear(
 
 def _path(x, qweight, scales, zeros, group_size: int) -> str:
     n, k = qweight.shape[-2], qweight.shape[-1] * 8
-    return cpu_path(n, k, group_size, zeros is None, scales.dtype, x.dtype)[0]
+    return _cached_path(n, k, group_size, zeros is None, scales.dtype, x.dtype, disabled_depth())
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_path(n, k, group_size, symmetric, scale_dtype, dtype, depth: int) -> str:
+    """`cpu_path` per call shape (the machine's answer and `disabled()` depth are in the key)."""
+    return cpu_path(n, k, group_size, symmetric, scale_dtype, dtype)[0]
 
 
 def _repack(path: str, qweight, scales, group_size: int, dtype: torch.dtype):

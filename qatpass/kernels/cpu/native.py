@@ -12,8 +12,12 @@ decode table, so the codes minus zero stay exact small integers). The rules depe
 
 The library is compiled once per machine with the system C compiler (`$CC`, else `cc`) into
 `$QATPASS_CACHE_DIR` (default `~/.cache/qatpass`), keyed by a hash of the source, the flags and
-the compiler's version, and written atomically so concurrent processes agree. Set
+the compiler's version, and verified before it is loaded (`build.py`: ownership and mode of the
+directory and files, a sha256 recorded at build time; damaged files are rebuilt). Set
 `QATPASS_CPU_KERNEL=0` to turn it off (the aten int4 path and the fallback remain).
+
+Every call into the library first checks the invariants the C code relies on
+(`check_native_args`), so no public or registered entry reaches it with unchecked buffers.
 """
 
 from __future__ import annotations
@@ -21,22 +25,22 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from qatpass.kernels.cpu.build import compile_library, open_library
 from qatpass.packed_args import check_packed_args
 
 __all__ = [
     "NATIVE_DTYPES",
+    "check_native_args",
     "disabled",
+    "disabled_depth",
     "kernel_unavailable_reason",
     "library",
     "native_linear",
@@ -54,36 +58,10 @@ _SCALE_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
 
-def _cache_dir() -> Path:
-    explicit = os.environ.get("QATPASS_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "qatpass"
-
-
 def _compile(compiler: str, out: Path) -> None:
-    """Build the library into `out` (atomically); RuntimeError with the compiler's message."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        cmd = [compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp_path)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-600:]}")
-        os.replace(tmp_path, out)  # atomic: a concurrent build writes the same bytes
-    finally:
-        tmp_path.unlink(missing_ok=True)
-    log.info("qatpass: built the CPU W4A16 kernel into %s", out)
-
-
-def _library_path(compiler: str) -> Path:
-    """Where this source, built with these flags by this compiler, lives in the cache."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256("\0".join([_SOURCE.read_text(), *_FLAGS, version]).encode())
-    key = digest.hexdigest()[:16]
-    return _cache_dir() / f"w4a16_cpu-{key}.so"
+    """Build the library into `out` (atomically, with its sha256 record); RuntimeError with the
+    compiler's message."""
+    compile_library(compiler, _SOURCE, _FLAGS, out)
 
 
 @functools.cache
@@ -99,10 +77,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if compiler is None:
         return None, "no C compiler found ($CC or cc)"
     try:
-        path = _library_path(compiler)
-        if not path.exists():
-            _compile(compiler, path)
-        lib = ctypes.CDLL(str(path))
+        lib = open_library(_SOURCE, _FLAGS, compiler)
     except (OSError, RuntimeError) as e:
         log.warning("qatpass: CPU W4A16 kernel unavailable: %s", e)
         return None, f"build failed: {e}"
@@ -142,6 +117,11 @@ def disabled() -> Iterator[None]:
         yield
     finally:
         _disabled_depth -= 1
+
+
+def disabled_depth() -> int:
+    """How many `disabled()` blocks enclose this call (0: the kernel may run)."""
+    return _disabled_depth
 
 
 def library() -> ctypes.CDLL | None:
@@ -217,18 +197,19 @@ def check_native_args(
 
     Returns (M, N, K); ValueError naming the argument otherwise.
     """
-    if x2d.dim() != 2 or x2d.dtype not in NATIVE_DTYPES or x2d.device.type != "cpu":
+    xs, qs = x2d.shape, qweight.shape
+    if len(xs) != 2 or x2d.dtype not in NATIVE_DTYPES or not x2d.is_cpu:
         raise ValueError(
             f"native kernel: x must be a 2-d bfloat16/float32 CPU tensor, got {x2d.dtype} "
-            f"{tuple(x2d.shape)} on {x2d.device}"
+            f"{tuple(xs)} on {x2d.device}"
         )
-    m, k = x2d.shape
-    if qweight.dim() != 2 or qweight.dtype != torch.int32 or qweight.shape[1] * 8 != k:
+    m, k = xs
+    if len(qs) != 2 or qweight.dtype != torch.int32 or qs[1] * 8 != k:
         raise ValueError(
             f"native kernel: qweight must be int32 [N, K/8] = [N, {k // 8}], got "
-            f"{qweight.dtype} {tuple(qweight.shape)}"
+            f"{qweight.dtype} {tuple(qs)}"
         )
-    n = qweight.shape[0]
+    n = qs[0]
     g = group_size
     if k % 32 or g <= 0 or g % 32 or k % g or (g != k and g & (g - 1)):
         raise ValueError(f"native kernel: K={k} and group_size={g} violate its rules")
@@ -240,7 +221,7 @@ def check_native_args(
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"native kernel: bias must be ({n},), got {tuple(bias.shape)}")
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
-        if t is not None and t.device.type != "cpu":
+        if t is not None and not t.is_cpu:
             raise ValueError(f"native kernel: {name} must be on CPU, got {t.device}")
     return m, n, k
 
