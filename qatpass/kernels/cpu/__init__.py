@@ -28,6 +28,7 @@ from qatpass.kernels.cpu.int4pack import (
     int4pack_linear,
 )
 from qatpass.kernels.cpu.native import disabled_depth, library, native_reason, run_native
+from qatpass.packed_args import check_grouped_args, check_packed_args
 
 __all__ = ["CPU_PATH_NAMES", "cpu_path", "grouped_linear", "linear"]
 
@@ -62,10 +63,22 @@ def linear(
     *,
     group_size: int,
 ) -> torch.Tensor:
-    """x2d [M, K] @ W.T (+ bias) on validated canonical arguments; group_size is effective."""
+    """x2d [M, K] @ W.T (+ bias) on canonical arguments; group_size is effective (or -1).
+
+    Validated here too (`check_packed_args`: it is public), and the native paths check the
+    buffers the C code reads once more (`native.check_native_args`)."""
+    if not isinstance(x2d, torch.Tensor) or x2d.dim() != 2:
+        raise ValueError(f"kernels.cpu.linear: x must be a 2-d tensor [M, K], got {_shape(x2d)}")
+    _, _, group_size = check_packed_args(
+        x2d, qweight, scales, zeros, bias, group_size, experts=False
+    )
     path = _path(x2d, qweight, scales, zeros, group_size)
     repack = _repack(path, qweight, scales, group_size, x2d.dtype)
     return _run(path, repack, x2d, qweight, scales, zeros, bias, group_size)
+
+
+def _shape(t) -> object:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _path(x, qweight, scales, zeros, group_size: int) -> str:
@@ -106,8 +119,9 @@ def grouped_linear(
     *,
     group_size: int,
 ) -> torch.Tensor:
-    """Row t of x [T, K] times expert expert_ids[t]: one matmul per expert present."""
-    n = qweight.shape[-2]
+    """Row t of x [T, K] times expert expert_ids[t]: one matmul per expert present (validated
+    here, `check_grouped_args`, and the expert ids' range below)."""
+    n, _, group_size = check_grouped_args(x, qweight, scales, zeros, bias, expert_ids, group_size)
     out = torch.zeros((x.shape[0], n), dtype=x.dtype, device=x.device)
     if x.shape[0] == 0:
         return out
