@@ -27,9 +27,6 @@
 // validates every argument: the code here trusts shapes, strides and pointers).
 
 #include <immintrin.h>
-#ifndef PFB
-#define PFB 1024
-#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -39,7 +36,7 @@
 #define MT 8                 // rows of x per pass over a weight block (accumulators in registers)
 #define RB 64                // weight rows per block of work (one OpenMP task) when M > 1
 #define X_TILE_BYTES 16384   // arranged x kept in L1 while a block of weight rows streams past
-#define PREFETCH_BYTES PFB  // weights requested this far ahead on each stream
+#define PREFETCH_BYTES 1024 // weights requested this far ahead on each stream
 #define SMALL_X_BYTES (1 << 20)  // arranged x up to this size lives in a per-thread buffer
 
 int qp_cpu_supported(void) {
@@ -278,7 +275,8 @@ static inline __m512 dot_block(const __m512bh wv[4], const uint16_t* xb) {
 }
 
 // M = 1: rows a and b (from the two halves of the weight) at once: two memory streams and two
-// independent chains.
+// independent chains. No software prefetch: the hardware prefetchers follow two sequential
+// streams per core, and the measured time was lower without (0.43 vs 0.45 ms, 4096x4096).
 static inline __attribute__((always_inline)) void rows_m1(const uint16_t* x, const Row* ra,
                                                           const Row* rb, const Dec* d, float* oa,
                                                           float* ob, const int two,
@@ -289,11 +287,9 @@ static inline __attribute__((always_inline)) void rows_m1(const uint16_t* x, con
     const __mmask16 gm = b == d->blocks - 1 ? d->tail_groups : d->full_groups;
     const uint16_t* xb = x + b * KB;
     __m512bh wv[4];
-    _mm_prefetch((const char*)(ra->w + b * 64) + PREFETCH_BYTES, _MM_HINT_T0);
     decode_block(ra, d, b, wv, asym, gpb);
     acc_a = _mm512_fmadd_ps(dot_block(wv, xb), block_scales(ra, d, b, gm, kind, gpb), acc_a);
     if (two) {
-      _mm_prefetch((const char*)(rb->w + b * 64) + PREFETCH_BYTES, _MM_HINT_T0);
       decode_block(rb, d, b, wv, asym, gpb);
       acc_b = _mm512_fmadd_ps(dot_block(wv, xb), block_scales(rb, d, b, gm, kind, gpb), acc_b);
     }
