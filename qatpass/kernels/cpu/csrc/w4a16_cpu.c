@@ -17,8 +17,9 @@
 // permute of the block's 1, 2 or 4 scales). That is 13 vector instructions per 64-byte line.
 // Asymmetric tables hold up to four groups (vpermt2w, 64 entries, the group in index bits 4-5).
 //
-// Paths: M = 1 streams two weight rows at once; M > 1 decodes a weight block once per tile of
-// up to MT rows of x. `qp_decode_bf16` writes rows of the dequantized weight (RNE to bf16 of the
+// Paths: M = 1 streams four weight rows at once (one from each quarter of N: four streams,
+// measured faster than two; two adjacent rows were slower still); M > 1 decodes a weight block
+// once per tile of up to MT rows of x and two weight rows. `qp_decode_bf16` writes rows of the dequantized weight (RNE to bf16 of the
 // fp32 (code - zero) * scale, bit-equal to the scheme's dequantize) in the arranged k order,
 // for the caller's bf16 GEMM at large M. Rows n are split across OpenMP threads; each output's
 // sum has a fixed order, so results do not depend on the thread count.
@@ -33,6 +34,8 @@
 #include <string.h>
 
 #define KB 128               // weights per block (64 bytes of nibbles)
+#define NS 4                 // weight rows streamed at once when M == 1 (one per slice of N)
+_Static_assert(NS == 4, "m1_rows dispatches 1 to 4 rows");
 #define MT 8                 // rows of x per pass over a weight block (accumulators in registers)
 #define RB 64                // weight rows per block of work (one OpenMP task) when M > 1
 #define X_TILE_BYTES 16384   // arranged x kept in L1 while a block of weight rows streams past
@@ -274,28 +277,26 @@ static inline __m512 dot_block(const __m512bh wv[4], const uint16_t* xb) {
   return _mm512_dpbf16_ps(s, wv[3], (__m512bh)_mm512_loadu_si512(xb + 96));
 }
 
-// M = 1: rows a and b (from the two halves of the weight) at once: two memory streams and two
-// independent chains. No software prefetch: the hardware prefetchers follow two sequential
-// streams per core, and the measured time was lower without (0.43 vs 0.45 ms, 4096x4096).
-static inline __attribute__((always_inline)) void rows_m1(const uint16_t* x, const Row* ra,
-                                                          const Row* rb, const Dec* d, float* oa,
-                                                          float* ob, const int two,
+// M = 1: ns rows (one from each of NS slices of the weight) at once: ns memory streams and ns
+// independent chains, sharing each load of x. No software prefetch: the hardware prefetchers
+// follow the streams (the measured time was lower without).
+static inline __attribute__((always_inline)) void rows_m1(const uint16_t* x, const Row* rows,
+                                                          const Dec* d, float* out, const int ns,
                                                           const int kind, const int asym,
                                                           const int gpb) {
-  __m512 acc_a = _mm512_setzero_ps(), acc_b = _mm512_setzero_ps();
+  __m512 acc[NS];
+  for (int j = 0; j < ns; ++j) acc[j] = _mm512_setzero_ps();
   for (int64_t b = 0; b < d->blocks; ++b) {
     const __mmask16 gm = b == d->blocks - 1 ? d->tail_groups : d->full_groups;
     const uint16_t* xb = x + b * KB;
-    __m512bh wv[4];
-    decode_block(ra, d, b, wv, asym, gpb);
-    acc_a = _mm512_fmadd_ps(dot_block(wv, xb), block_scales(ra, d, b, gm, kind, gpb), acc_a);
-    if (two) {
-      decode_block(rb, d, b, wv, asym, gpb);
-      acc_b = _mm512_fmadd_ps(dot_block(wv, xb), block_scales(rb, d, b, gm, kind, gpb), acc_b);
+    for (int j = 0; j < ns; ++j) {
+      __m512bh wv[4];
+      decode_block(&rows[j], d, b, wv, asym, gpb);
+      acc[j] = _mm512_fmadd_ps(dot_block(wv, xb), block_scales(&rows[j], d, b, gm, kind, gpb),
+                               acc[j]);
     }
   }
-  *oa = _mm512_reduce_add_ps(acc_a);
-  if (two) *ob = _mm512_reduce_add_ps(acc_b);
+  for (int j = 0; j < ns; ++j) out[j] = _mm512_reduce_add_ps(acc[j]);
 }
 
 // nr (1 or 2) weight rows against mt rows of arranged x, blocks [b0, b1): adds the sums to
@@ -332,23 +333,25 @@ static inline void store_out(void* y, int out_kind, int64_t i, float v) {
   else ((uint16_t*)y)[i] = to_bf16(v);
 }
 
-// M = 1, rows i and i + half (the OpenMP loops live in the BODY functions below, so that the
-// compile-time kind / asym / gpb reach the outlined loop bodies).
-static inline __attribute__((always_inline)) void m1_pair(
+// M = 1, rows i + j * slice for j < NS (the OpenMP loops live in the BODY functions below, so
+// that the compile-time kind / asym / gpb reach the outlined loop bodies).
+static inline __attribute__((always_inline)) void m1_rows(
     const uint16_t* x, const uint8_t* qweight, const void* scales, const int8_t* zeros,
-    const Dec* d, const float* bias, void* y, int out_kind, int64_t n, int64_t half, int64_t i,
+    const Dec* d, const float* bias, void* y, int out_kind, int64_t n, int64_t slice, int64_t i,
     const int kind, const int asym, const int gpb) {
-  const int two = i + half < n;
-  const Row ra = row_at(qweight, scales, zeros, i, d, kind);
-  const Row rb = row_at(qweight, scales, zeros, two ? i + half : i, d, kind);
-  float a = 0.0f, b = 0.0f;
-  if (two) {
-    rows_m1(x, &ra, &rb, d, &a, &b, 1, kind, asym, gpb);
-    store_out(y, out_kind, i + half, b + (bias ? bias[i + half] : 0.0f));
-  } else {
-    rows_m1(x, &ra, &rb, d, &a, &b, 0, kind, asym, gpb);
+  Row rows[NS];
+  float out[NS];
+  int ns = 0;
+  for (int j = 0; j < NS && i + j * slice < n; ++j, ++ns)
+    rows[j] = row_at(qweight, scales, zeros, i + j * slice, d, kind);
+  switch (ns) {
+#define M1(T) \
+  case T: rows_m1(x, rows, d, out, T, kind, asym, gpb); break;
+    M1(1) M1(2) M1(3) M1(4)
+#undef M1
   }
-  store_out(y, out_kind, i, a + (bias ? bias[i] : 0.0f));
+  for (int j = 0; j < ns; ++j)
+    store_out(y, out_kind, i + j * slice, out[j] + (bias ? bias[i + j * slice] : 0.0f));
 }
 
 // M > 1: weight rows [RB * blk, RB * blk + RB) against all rows of x, MT at a time.
@@ -395,10 +398,10 @@ typedef void (*BodyFn)(const uint16_t*, const uint8_t*, const void*, const int8_
                                            const int8_t* z, const Dec* d, const float* bias,   \
                                            void* y, int ok, int64_t m, int64_t n, int nt) {    \
     if (m == 1) {                                                                              \
-      const int64_t half = (n + 1) / 2;                                                        \
+      const int64_t slice = (n + NS - 1) / NS;                                                 \
       _Pragma("omp parallel for num_threads(nt) schedule(static)")                            \
-      for (int64_t i = 0; i < half; ++i)                                                       \
-        m1_pair(x, q, s, z, d, bias, y, ok, n, half, i, KIND, ASYM, GPB);                      \
+      for (int64_t i = 0; i < slice; ++i)                                                      \
+        m1_rows(x, q, s, z, d, bias, y, ok, n, slice, i, KIND, ASYM, GPB);                     \
       return;                                                                                  \
     }                                                                                          \
     const int64_t nblocks = (n + RB - 1) / RB;                                                 \
