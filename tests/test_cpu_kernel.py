@@ -241,7 +241,9 @@ def test_decoded_panels_equal_the_schemes_bf16_dequantize(n, k, group_size, symm
 
 @needs_native
 @pytest.mark.parametrize("m", [gemm.GEMM_MIN_M, gemm.GEMM_MIN_M + 13])
-@pytest.mark.parametrize(("n", "k", "group_size"), [(300, 256, 32), (40, 96, -1), (17, 1088, 64), (19, 1056, 32)])
+@pytest.mark.parametrize(
+    ("n", "k", "group_size"), [(300, 256, 32), (40, 96, -1), (17, 1088, 64), (19, 1056, 32)]
+)
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("has_bias", [False, True])
 def test_gemm_path_matches_the_scheme(m, n, k, group_size, symmetric, has_bias, monkeypatch):
