@@ -240,7 +240,7 @@ def test_decoded_panels_equal_the_schemes_bf16_dequantize(n, k, group_size, symm
 
 
 @needs_native
-@pytest.mark.parametrize("m", [gemm.GEMM_MIN_M, gemm.GEMM_MIN_M + 13])
+@pytest.mark.parametrize("m", [64, 77])
 @pytest.mark.parametrize(
     ("n", "k", "group_size"), [(300, 256, 32), (40, 96, -1), (17, 1088, 64), (19, 1056, 32)]
 )
@@ -248,6 +248,8 @@ def test_decoded_panels_equal_the_schemes_bf16_dequantize(n, k, group_size, symm
 @pytest.mark.parametrize("has_bias", [False, True])
 def test_gemm_path_matches_the_scheme(m, n, k, group_size, symmetric, has_bias, monkeypatch):
     monkeypatch.setattr(gemm, "PANEL_BYTES", 64 * k)  # several panels, a short last one
+    monkeypatch.setattr(gemm, "MIN_PANEL_ROWS", 16)
+    monkeypatch.setattr(gemm, "GEMM_MIN_M", 64)  # the path is off by default
     p = quantize(torch.randn(n, k) + (0 if symmetric else 0.7), _scheme(group_size, symmetric))
     x = torch.randn(m, k).bfloat16()
     bias = torch.randn(n).bfloat16() if has_bias else None
@@ -257,10 +259,13 @@ def test_gemm_path_matches_the_scheme(m, n, k, group_size, symmetric, has_bias, 
 
 
 @needs_native
-@pytest.mark.parametrize("m", [1, 2, 9, gemm.GEMM_MIN_M + 3])
+@pytest.mark.parametrize("m", [1, 2, 9, 67])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_every_path_is_bit_identical_on_1_and_2_threads(m, dtype, symmetric):
+@pytest.mark.parametrize("gemm_min_m", [None, 64])
+def test_every_path_is_bit_identical_on_1_and_2_threads(m, dtype, symmetric, gemm_min_m,
+                                                         monkeypatch):  # fmt: skip
+    monkeypatch.setattr(gemm, "GEMM_MIN_M", gemm_min_m)
     p = quantize(torch.randn(520, 640).to(dtype), _scheme(32, symmetric))
     x = torch.randn(m, 640).to(dtype)
     bias = torch.randn(520).to(dtype)
@@ -278,7 +283,7 @@ def test_every_path_is_bit_identical_on_1_and_2_threads(m, dtype, symmetric):
 @needs_native
 @settings(max_examples=30, deadline=None)
 @given(
-    m=st.integers(1, gemm.GEMM_MIN_M + 8),
+    m=st.integers(1, 72),
     n=st.integers(1, 70),
     blocks=st.integers(1, 12),
     log_group=st.integers(5, 8),

@@ -10,7 +10,8 @@ stays in the last-level cache, and `F.linear` runs on it. Both x and the panel a
 kernel's arranged k order (a permutation of k within blocks of 128, zero padded), which changes
 the summation order only. So the result is `F.linear(x, dequantize(p, bf16), bias)` up to fp32
 summation order, the same as the dequant fallback, without materialising the whole weight.
-`kernels.cpu.linear` picks this per call from M (`use_gemm`), never at trace time.
+`kernels.cpu.linear` picks this per call from M (`use_gemm`), never at trace time; it is off by
+default (GEMM_MIN_M = None, see there why).
 """
 
 from __future__ import annotations
@@ -24,14 +25,21 @@ from qatpass.kernels.cpu.native import _SCALE_KIND, _weight_ptrs, _x_rows, check
 
 __all__ = ["GEMM_MIN_M", "PANEL_BYTES", "gemm_linear", "use_gemm"]
 
-GEMM_MIN_M = 64  # rows of x from which decode-once + bf16 GEMM beats the native kernel here
-PANEL_BYTES = 2 << 20  # decoded weight rows per GEMM call: stays in L3 between decode and GEMM
+# Rows of x from which `kernels.cpu.linear` takes this path; None: never (the default). Measured
+# on the 2-core dev machine (loaded): at 1 thread it beats the native kernel from M = 64
+# (0.93-0.95x bf16 against 0.7-0.8x), but at 2 threads every switch between the decode and
+# oneDNN's parallel region cost up to tens of ms (2-7x slower than the native kernel), and the
+# path may not depend on the thread count (results must stay bit-identical across threads).
+GEMM_MIN_M: int | None = None
+PANEL_BYTES = 8 << 20  # decoded weight per GEMM call (few calls: each switch between the decode
+# and oneDNN costs, measured up to 15 ms at 2 threads on a loaded machine)
+MIN_PANEL_ROWS = 256  # narrower panels make oneDNN slow (and each panel is a thread barrier)
 _BLOCK = 128  # the kernel's k block
 
 
 def use_gemm(x2d: torch.Tensor) -> bool:
     """Whether a native-path call takes the panel GEMM (bf16 activations, M >= GEMM_MIN_M)."""
-    return x2d.dtype == torch.bfloat16 and x2d.shape[0] >= GEMM_MIN_M
+    return GEMM_MIN_M is not None and x2d.dtype == torch.bfloat16 and x2d.shape[0] >= GEMM_MIN_M
 
 
 def gemm_linear(
@@ -54,7 +62,7 @@ def gemm_linear(
     if m:
         lib.qp_arrange_bf16(x.data_ptr(), x.stride(0), m, k, xa.data_ptr())
     b = None if bias is None else bias.detach().to(torch.bfloat16)
-    rows = min(n, max(16, PANEL_BYTES // (2 * padded)))
+    rows = min(n, max(MIN_PANEL_ROWS, PANEL_BYTES // (2 * padded) // 64 * 64))
     panel = torch.empty((rows, padded), dtype=torch.bfloat16)
     kind, threads = _SCALE_KIND[scales.dtype], torch.get_num_threads()
     y = None if rows >= n else torch.empty((m, n), dtype=torch.bfloat16)
