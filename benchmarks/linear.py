@@ -22,6 +22,12 @@ while the code, x and the output stay in cache (a single 4096x4096 INT4 weight, 
 in a 32 MB L3 between calls while its 33 MB bf16 twin would not). `--warm` uses one copy.
 With CUDA it appends `run_cuda()` rows from benchmarks/cuda_linear.py.
 
+The limit: each thread count first measures the machine's streaming read bandwidth (`read_bw`:
+a 256 MiB fp32 array summed with torch, best of 5, recorded as `read_bw_gbps`), and every M=1
+row reports each variant's bytes streamed per second (`<variant>_gbps`: the packed bytes,
+qweight + scales (+ zeros), for qatpass; 2 bytes/weight for bf16) and that as a share of the
+probe (`<variant>_pct_of_read_bw`). llama.cpp's Q4_0 is not a column: `LLAMA_CPP` says why.
+
 Bandwidth bounds at M=1 over bf16's 2 bytes/weight: the native kernel streams 0.5 byte of nibbles
 plus a 2-byte scale per group, 2 / (0.5 + 2/G) = 3.56x at G=32; aten's layout stores a zero next
 to every scale, 2 / (0.5 + 4/G) = 3.2x. A kernel that streams better than oneDNN's bf16 GEMV
@@ -49,8 +55,31 @@ import torch.nn.functional as F
 from torch import nn
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (N, K)
-MS = (1, 4, 16, 64)
+MS = (1, 4, 16, 64, 256, 1024)
 GROUP_SIZES = (32, 128)
+
+
+LLAMA_CPP = (
+    "not run: pip finds no prebuilt llama-cpp-python wheel for this Python (only the sdist, "
+    "which builds llama.cpp with CMake: too slow on the 2 shared cores here)"
+)
+PROBE_BYTES = 256 * 2**20
+
+
+def read_bw(threads: int, nbytes: int = PROBE_BYTES, repeats: int = 5) -> float:
+    """Streaming read bandwidth in GB/s on `threads` torch threads: an array 8x the LLC summed."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.ones(nbytes // 4)
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a.sum()
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(previous)
+    return nbytes / best / 1e9
 
 
 def llc_bytes() -> int:
@@ -133,6 +162,7 @@ def _shape_rows(
     budget_s: float,
     cold: bool,
     variants: tuple[str, ...] = VARIANTS,
+    read_bw_gbps: float | None = None,
 ) -> list[dict]:
     import qatpass
     from qatpass.kernels.cpu.int4pack import _REPACKS, dequant_linear
@@ -220,6 +250,14 @@ def _shape_rows(
         for key in ("qatpass", "qatpass_aten", "qatpass_fallback", "torchao_int4", "torchao_w8a8"):
             if row.get(f"{key}_ms"):
                 row[f"{key}_speedup_vs_bf16"] = row["bf16_ms"] / row[f"{key}_ms"]
+        if m == 1 and read_bw_gbps:
+            row["read_bw_gbps"] = read_bw_gbps
+            for key, nbytes in (("bf16", bf16_bytes), ("qatpass", packed.nbytes()),
+                                ("qatpass_aten", resident(aten))):  # fmt: skip
+                if row.get(f"{key}_ms"):
+                    gbps = nbytes / (row[f"{key}_ms"] * 1e-3) / 1e9
+                    row[f"{key}_gbps"] = gbps
+                    row[f"{key}_pct_of_read_bw"] = 100 * gbps / read_bw_gbps
         row["packed_bytes_over_bf16"] = packed.nbytes() / bf16_bytes
         row["resident_bytes_over_bf16"] = resident(fast) / bf16_bytes
         row["aten_resident_bytes_over_bf16"] = resident(aten) / bf16_bytes
@@ -242,9 +280,11 @@ def run_cpu(
     rows = []
     for t in threads:
         torch.set_num_threads(t)
+        bw = read_bw(t)
+        print(json.dumps({"threads": t, "read_bw_gbps": bw}), file=sys.stderr, flush=True)
         for g in group_sizes:
             for n, k in shapes:
-                rows += _shape_rows(n, k, g, ms, repeats, budget_s, cold, variants)
+                rows += _shape_rows(n, k, g, ms, repeats, budget_s, cold, variants, bw)
     return rows
 
 
@@ -299,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
         "cold": not args.warm,
         "native_kernel": kernel_unavailable_reason() or "available",
         "variants": list(variants),
+        "llama_cpp_q4_0": LLAMA_CPP,
+        "loadavg": os.getloadavg(),
         "cpu": run_cpu(
             shapes,
             ms,
@@ -311,6 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "cuda": run_cuda_rows(),
     }
+    result["loadavg_after"] = os.getloadavg()
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

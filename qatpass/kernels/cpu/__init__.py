@@ -5,7 +5,10 @@
 
 `cpu_path` says, from shapes and dtypes alone (never values), which path a packed weight takes
 for an activation dtype: qatpass's native kernel (`native`), aten's int4 GEMM on a repack
-(`int4pack`, e.g. fp16 activations), or the scheme's dequantize + F.linear (`dequant`). The
+(`int4pack`, e.g. fp16 activations), or the scheme's dequantize + F.linear (`dequant`). Within
+`native`, each call may pick by M: bf16 x with M >= `gemm.GEMM_MIN_M` rows would decode the
+weight panel by panel to bf16 and run torch's bf16 GEMM on it (`gemm.py`, off by default), else
+the native kernel. The
 aten repack is this package's concern: it is built on first use and cached beside the
 canonical qweight (keyed on the tensor and its version counter), so an in-place refresh of the
 canonical buffers invalidates it and nothing else ever holds or passes it.
@@ -13,8 +16,11 @@ canonical buffers invalidates it and nothing else ever holds or passes it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from qatpass.kernels.cpu.gemm import gemm_linear, use_gemm
 from qatpass.kernels.cpu.int4pack import (
     CPU_PATH_NAMES,
     cached_repack,
@@ -22,7 +28,8 @@ from qatpass.kernels.cpu.int4pack import (
     dequant_linear,
     int4pack_linear,
 )
-from qatpass.kernels.cpu.native import library, native_reason, run_native
+from qatpass.kernels.cpu.native import disabled_depth, library, native_reason, run_native
+from qatpass.packed_args import check_grouped_args, check_packed_args
 
 __all__ = ["CPU_PATH_NAMES", "cpu_path", "grouped_linear", "linear"]
 
@@ -57,15 +64,33 @@ def linear(
     *,
     group_size: int,
 ) -> torch.Tensor:
-    """x2d [M, K] @ W.T (+ bias) on validated canonical arguments; group_size is effective."""
+    """x2d [M, K] @ W.T (+ bias) on canonical arguments; group_size is effective (or -1).
+
+    Validated here too (`check_packed_args`: it is public), and the native paths check the
+    buffers the C code reads once more (`native.check_native_args`)."""
+    if not isinstance(x2d, torch.Tensor) or x2d.dim() != 2:
+        raise ValueError(f"kernels.cpu.linear: x must be a 2-d tensor [M, K], got {_shape(x2d)}")
+    _, _, group_size = check_packed_args(
+        x2d, qweight, scales, zeros, bias, group_size, experts=False
+    )
     path = _path(x2d, qweight, scales, zeros, group_size)
     repack = _repack(path, qweight, scales, group_size, x2d.dtype)
     return _run(path, repack, x2d, qweight, scales, zeros, bias, group_size)
 
 
+def _shape(t) -> object:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def _path(x, qweight, scales, zeros, group_size: int) -> str:
     n, k = qweight.shape[-2], qweight.shape[-1] * 8
-    return cpu_path(n, k, group_size, zeros is None, scales.dtype, x.dtype)[0]
+    return _cached_path(n, k, group_size, zeros is None, scales.dtype, x.dtype, disabled_depth())
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_path(n, k, group_size, symmetric, scale_dtype, dtype, depth: int) -> str:
+    """`cpu_path` per call shape (the machine's answer and `disabled()` depth are in the key)."""
+    return cpu_path(n, k, group_size, symmetric, scale_dtype, dtype)[0]
 
 
 def _repack(path: str, qweight, scales, group_size: int, dtype: torch.dtype):
@@ -76,7 +101,10 @@ def _repack(path: str, qweight, scales, group_size: int, dtype: torch.dtype):
 
 def _run(path, repack, x2d, qweight, scales, zeros, bias, group_size: int) -> torch.Tensor:
     if path == "native":
-        return run_native(library(), x2d, qweight, scales, zeros, bias, group_size)
+        lib = library()
+        if use_gemm(x2d):
+            return gemm_linear(lib, x2d, qweight, scales, zeros, bias, group_size)
+        return run_native(lib, x2d, qweight, scales, zeros, bias, group_size)
     if repack is not None:
         return int4pack_linear(x2d, repack[0], repack[1], bias)
     return dequant_linear(x2d, qweight, scales, zeros, bias, group_size=group_size)
@@ -92,8 +120,9 @@ def grouped_linear(
     *,
     group_size: int,
 ) -> torch.Tensor:
-    """Row t of x [T, K] times expert expert_ids[t]: one matmul per expert present."""
-    n = qweight.shape[-2]
+    """Row t of x [T, K] times expert expert_ids[t]: one matmul per expert present (validated
+    here, `check_grouped_args`, and the expert ids' range below)."""
+    n, _, group_size = check_grouped_args(x, qweight, scales, zeros, bias, expert_ids, group_size)
     out = torch.zeros((x.shape[0], n), dtype=x.dtype, device=x.device)
     if x.shape[0] == 0:
         return out

@@ -12,8 +12,12 @@ decode table, so the codes minus zero stay exact small integers). The rules depe
 
 The library is compiled once per machine with the system C compiler (`$CC`, else `cc`) into
 `$QATPASS_CACHE_DIR` (default `~/.cache/qatpass`), keyed by a hash of the source, the flags and
-the compiler's version, and written atomically so concurrent processes agree. Set
+the compiler's version, and verified before it is loaded (`build.py`: ownership and mode of the
+directory and files, a sha256 recorded at build time; damaged files are rebuilt). Set
 `QATPASS_CPU_KERNEL=0` to turn it off (the aten int4 path and the fallback remain).
+
+Every call into the library first checks the invariants the C code relies on
+(`check_native_args`), so no public or registered entry reaches it with unchecked buffers.
 """
 
 from __future__ import annotations
@@ -21,23 +25,22 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from qatpass.kernels.cpu.build import compile_library, open_library
 from qatpass.packed_args import check_packed_args
 
 __all__ = [
     "NATIVE_DTYPES",
+    "check_native_args",
     "disabled",
+    "disabled_depth",
     "kernel_unavailable_reason",
     "library",
     "native_linear",
@@ -55,36 +58,10 @@ _SCALE_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
 
-def _cache_dir() -> Path:
-    explicit = os.environ.get("QATPASS_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "qatpass"
-
-
 def _compile(compiler: str, out: Path) -> None:
-    """Build the library into `out` (atomically); RuntimeError with the compiler's message."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        cmd = [compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp_path)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-600:]}")
-        os.replace(tmp_path, out)  # atomic: a concurrent build writes the same bytes
-    finally:
-        tmp_path.unlink(missing_ok=True)
-    log.info("qatpass: built the CPU W4A16 kernel into %s", out)
-
-
-def _library_path(compiler: str) -> Path:
-    """Where this source, built with these flags by this compiler, lives in the cache."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256("\0".join([_SOURCE.read_text(), *_FLAGS, version]).encode())
-    key = digest.hexdigest()[:16]
-    return _cache_dir() / f"w4a16_cpu-{key}.so"
+    """Build the library into `out` (atomically, with its sha256 record); RuntimeError with the
+    compiler's message."""
+    compile_library(compiler, _SOURCE, _FLAGS, out)
 
 
 @functools.cache
@@ -100,22 +77,29 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if compiler is None:
         return None, "no C compiler found ($CC or cc)"
     try:
-        path = _library_path(compiler)
-        if not path.exists():
-            _compile(compiler, path)
-        lib = ctypes.CDLL(str(path))
+        lib = open_library(_SOURCE, _FLAGS, compiler)
     except (OSError, RuntimeError) as e:
         log.warning("qatpass: CPU W4A16 kernel unavailable: %s", e)
         return None, f"build failed: {e}"
     if not lib.qp_cpu_supported():
         return None, "this CPU lacks AVX-512 BW/BF16 or F16C"
-    lib.qp_w4a16_bf16.argtypes = [_PTR, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _INT, _I64, _I64,
-                                  _I64, _I64, _INT]  # fmt: skip
-    lib.qp_w4a16_bf16.restype = None
-    lib.qp_w4a16_f32.argtypes = [_PTR, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _I64, _I64, _I64,
-                                 _I64, _INT]  # fmt: skip
-    lib.qp_w4a16_f32.restype = None
+    _declare(lib)
     return lib, None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """The C signatures (csrc/w4a16_cpu.c), so ctypes converts the arguments."""
+    lib.qp_w4a16_bf16.argtypes = [_PTR, _I64, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _INT, _I64,
+                                  _I64, _I64, _I64, _INT]  # fmt: skip
+    lib.qp_w4a16_bf16.restype = _INT
+    lib.qp_w4a16_f32.argtypes = [_PTR, _I64, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _I64, _I64,
+                                 _I64, _I64, _INT]  # fmt: skip
+    lib.qp_w4a16_f32.restype = _INT
+    lib.qp_arrange_bf16.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
+    lib.qp_arrange_bf16.restype = None
+    lib.qp_decode_bf16.argtypes = [_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64,
+                                   _INT]  # fmt: skip
+    lib.qp_decode_bf16.restype = None
 
 
 _disabled_depth = 0
@@ -133,6 +117,11 @@ def disabled() -> Iterator[None]:
         yield
     finally:
         _disabled_depth -= 1
+
+
+def disabled_depth() -> int:
+    """How many `disabled()` blocks enclose this call (0: the kernel may run)."""
+    return _disabled_depth
 
 
 def library() -> ctypes.CDLL | None:
@@ -168,15 +157,6 @@ def native_reason(
     return None
 
 
-def _arrange(x2d: torch.Tensor, block: int) -> torch.Tensor:
-    """x [M, K] -> [M, ceil(K/block), 2, block/2]: per block of k, even k first, then odd k."""
-    m, k = x2d.shape
-    pad = -k % block
-    if pad:
-        x2d = F.pad(x2d, (0, pad))
-    return x2d.reshape(m, -1, block // 2, 2).transpose(-1, -2).contiguous()
-
-
 def native_linear(
     x2d: torch.Tensor,
     qweight: torch.Tensor,
@@ -185,10 +165,10 @@ def native_linear(
     bias: torch.Tensor | None,
     group_size: int,
 ) -> torch.Tensor:
-    """x2d [M, K] @ W.T (+ bias) -> [M, N] in x2d.dtype.
+    """x2d [M, K] @ W.T (+ bias) -> [M, N] in x2d.dtype, on the native kernel at every M.
 
-    Shapes, dtypes and devices are checked here (the C code trusts them); ValueError when
-    `native_reason` refuses the call.
+    Shapes, dtypes and devices are checked here; ValueError when `native_reason` refuses the
+    call. (`kernels.cpu.linear` picks between this and the GEMM on decoded panels per M.)
     """
     lib, why = _load()
     if lib is None:
@@ -204,6 +184,60 @@ def native_linear(
     return run_native(lib, x2d, qweight, scales, zeros, bias, g)
 
 
+def check_native_args(
+    x2d: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+) -> tuple[int, int, int]:
+    """The invariants the C code relies on (sizes of every buffer it reads, dtypes, CPU); cheap
+    (~2 us), so every call into the library checks them even after `check_packed_args`.
+
+    Returns (M, N, K); ValueError naming the argument otherwise.
+    """
+    xs, qs = x2d.shape, qweight.shape
+    if len(xs) != 2 or x2d.dtype not in NATIVE_DTYPES or not x2d.is_cpu:
+        raise ValueError(
+            f"native kernel: x must be a 2-d bfloat16/float32 CPU tensor, got {x2d.dtype} "
+            f"{tuple(xs)} on {x2d.device}"
+        )
+    m, k = xs
+    if len(qs) != 2 or qweight.dtype != torch.int32 or qs[1] * 8 != k:
+        raise ValueError(
+            f"native kernel: qweight must be int32 [N, K/8] = [N, {k // 8}], got "
+            f"{qweight.dtype} {tuple(qs)}"
+        )
+    n = qs[0]
+    g = group_size
+    if k % 32 or g <= 0 or g % 32 or k % g or (g != k and g & (g - 1)):
+        raise ValueError(f"native kernel: K={k} and group_size={g} violate its rules")
+    want = (n, k // g)
+    if scales.shape != want or scales.dtype not in _SCALE_KIND:
+        raise ValueError(f"native kernel: scales must be {want}, got {tuple(scales.shape)}")
+    if zeros is not None and (zeros.shape != want or zeros.dtype != torch.int8):
+        raise ValueError(f"native kernel: zeros must be int8 {want}, got {tuple(zeros.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"native kernel: bias must be ({n},), got {tuple(bias.shape)}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+        if t is not None and not t.is_cpu:
+            raise ValueError(f"native kernel: {name} must be on CPU, got {t.device}")
+    return m, n, k
+
+
+def _weight_ptrs(qweight, scales, zeros):
+    """Contiguous weight buffers (kept alive by the caller) and the zeros pointer."""
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    zeros = None if zeros is None else zeros.contiguous()
+    return qweight, scales, zeros, None if zeros is None else zeros.data_ptr()
+
+
+def _x_rows(x2d: torch.Tensor) -> torch.Tensor:
+    """x with unit stride along K (rows may be strided: the C code takes the row stride)."""
+    return x2d if x2d.stride(-1) == 1 and x2d.stride(0) >= x2d.shape[1] else x2d.contiguous()
+
+
 def run_native(
     lib: ctypes.CDLL,
     x2d: torch.Tensor,
@@ -213,25 +247,24 @@ def run_native(
     bias: torch.Tensor | None,
     group_size: int,
 ) -> torch.Tensor:
-    """`native_linear` minus its checks, for callers that validated (the ops): saves ~3 us."""
-    m, k = x2d.shape
-    n = qweight.shape[0]
-    qweight, scales = qweight.contiguous(), scales.contiguous()
-    zeros = None if zeros is None else zeros.contiguous()
-    zeros_ptr = None if zeros is None else zeros.data_ptr()
+    """`native_linear` minus the machine checks, for callers that chose the path (the ops).
+
+    The invariants the C code relies on are checked again here (`check_native_args`).
+    """
+    m, n, k = check_native_args(x2d, qweight, scales, zeros, bias, group_size)
+    qweight, scales, zeros, zeros_ptr = _weight_ptrs(qweight, scales, zeros)
     bias32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
     bias_ptr = None if bias32 is None else bias32.data_ptr()
     y = torch.empty((m, n), dtype=x2d.dtype)
-    if m == 0:
+    if m == 0 or n == 0:
         return y
+    x2d = _x_rows(x2d)
     threads = torch.get_num_threads()
     kind = _SCALE_KIND[scales.dtype]
-    if x2d.dtype == torch.bfloat16:
-        xa = _arrange(x2d, 64)
-        lib.qp_w4a16_bf16(xa.data_ptr(), qweight.data_ptr(), scales.data_ptr(), kind, zeros_ptr,
-                          bias_ptr, y.data_ptr(), 0, m, n, k, group_size, threads)  # fmt: skip
-    else:
-        xa = _arrange(x2d.contiguous(), 32)
-        lib.qp_w4a16_f32(xa.data_ptr(), qweight.data_ptr(), scales.data_ptr(), kind, zeros_ptr,
-                         bias_ptr, y.data_ptr(), m, n, k, group_size, threads)  # fmt: skip
+    fn = lib.qp_w4a16_bf16 if x2d.dtype == torch.bfloat16 else lib.qp_w4a16_f32
+    extra = (0,) if x2d.dtype == torch.bfloat16 else ()  # bf16: out_kind 0 (bf16 y)
+    rc = fn(x2d.data_ptr(), x2d.stride(0), qweight.data_ptr(), scales.data_ptr(), kind,
+            zeros_ptr, bias_ptr, y.data_ptr(), *extra, m, n, k, group_size, threads)  # fmt: skip
+    if rc:
+        raise MemoryError("native kernel: no memory for the arranged activations")
     return y

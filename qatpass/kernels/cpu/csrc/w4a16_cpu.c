@@ -4,46 +4,48 @@
 //
 // Weights: qweight bytes [N, K/2], byte j of a row holds k = 2j (low nibble) and 2j + 1 (high);
 // code = nibble - 8. Scales: [N, K/g] in bf16, fp16 or fp32 (scale_kind 0/1/2). Zeros: int8
-// [N, K/g] (signed codes) or NULL (symmetric). Activations are pre-arranged by the caller
-// (`qatpass.lowering.cpu_kernel`) so that each loaded vector of nibbles lines up with a plain
-// vector load of x: even k first, then odd k.
+// [N, K/g] (signed codes) or NULL (symmetric). K % 32 == 0; g % 32 == 0, a power of two or K.
 //
-// Per 64 weights (two groups of 32, 32 bytes): zero-extend the bytes to 16-bit lanes, map low
-// and high nibbles to the bf16 / fp32 value of (code - zero) with one table permute each (the
-// values are small integers, exact in bf16), take the dot product with x in fp32 (vdpbf16ps for
-// bf16 x: bf16 x bf16 products are exact in fp32), and scale the partial sums of each group
-// once. The weights of a row are decoded once per tile of up to MT rows of x; at M = 1, NS rows
-// stream at once. Rows n are split across OpenMP threads; each output's sum has a fixed order,
-// so results do not depend on the thread count.
+// bf16 activations work on blocks of 128 weights, one 64-byte line of nibbles: loaded as 32
+// 16-bit words, word j holds k = 4j .. 4j + 3 in its four nibbles. Four table permutes
+// (vpermw reads an index's low 5 bits, so the 32-entry table repeats its 16 values and the
+// next nibble's bit is ignored) of the word shifted by 0, 4, 8, 12 give the bf16 value of
+// (code - zero) for k = 4j + r, r = 0..3 (small integers, exact in bf16). x is rearranged to
+// the same order (`arrange_bf16`: per block, [4][32] with [r][j] = x[128b + 4j + r]), four
+// vdpbf16ps take the dot product in fp32 (bf16 x bf16 products are exact in fp32): lane i sums
+// k = 128b + 8i .. 8i + 7, inside one group, and one fma applies the block's scales (one
+// permute of the block's 1, 2 or 4 scales). That is 13 vector instructions per 64-byte line.
+// Asymmetric tables hold up to four groups (vpermt2w, 64 entries, the group in index bits 4-5).
 //
-// Built and loaded by qatpass/lowering/cpu_kernel.py (which checks qp_cpu_supported() first).
+// Paths: M = 1 streams four weight rows at once (one from each quarter of N: four streams,
+// measured faster than two; two adjacent rows were slower still); M > 1 decodes a weight block
+// once per tile of up to MT rows of x and two weight rows. `qp_decode_bf16` writes rows of the dequantized weight (RNE to bf16 of the
+// fp32 (code - zero) * scale, bit-equal to the scheme's dequantize) in the arranged k order,
+// for the caller's bf16 GEMM at large M. Rows n are split across OpenMP threads; each output's
+// sum has a fixed order, so results do not depend on the thread count.
+//
+// Built and loaded by qatpass/kernels/cpu/native.py (which checks qp_cpu_supported() first and
+// validates every argument: the code here trusts shapes, strides and pointers).
 
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-#define MT 8                // rows of x per pass over a weight row (accumulators in registers)
-#define NS 2                // weight rows streamed at once when M == 1 (from the two halves)
-_Static_assert(NS == 2, "the M = 1 path pairs row i with row i + n/2");
-#define RB 64               // weight rows per block of work (one OpenMP task)
-#define X_TILE_BYTES 32768  // x kept in L1/L2 while a block of weight rows streams past it
-#define PREFETCH_BYTES 2048 // weights requested this far ahead (the stream runs past rows)
+#define KB 128               // weights per block (64 bytes of nibbles)
+#define NS 4                 // weight rows streamed at once when M == 1 (one per slice of N)
+_Static_assert(NS == 4, "m1_rows dispatches 1 to 4 rows");
+#define MT 8                 // rows of x per pass over a weight block (accumulators in registers)
+#define RB 64                // weight rows per block of work (one OpenMP task) when M > 1
+#define X_TILE_BYTES 16384   // arranged x kept in L1 while a block of weight rows streams past
+#define PREFETCH_BYTES 1024 // weights requested this far ahead on each stream
+#define SMALL_X_BYTES (1 << 20)  // arranged x up to this size lives in a per-thread buffer
 
 int qp_cpu_supported(void) {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("f16c");
-}
-
-static inline float load_scale(const void* scales, int64_t i, int kind) {
-  if (kind == 2) return ((const float*)scales)[i];
-  uint16_t h = ((const uint16_t*)scales)[i];
-  if (kind == 1) return _cvtsh_ss(h);
-  uint32_t bits = (uint32_t)h << 16;
-  float f;
-  memcpy(&f, &bits, sizeof f);
-  return f;
 }
 
 // fp32 -> bf16 bits, round to nearest even (as torch does), NaN kept quiet.
@@ -55,203 +57,474 @@ static inline uint16_t to_bf16(float f) {
   return (uint16_t)(u >> 16);
 }
 
-static inline void store(void* y, int out_kind, int64_t i, float v) {
-  if (out_kind == 2) ((float*)y)[i] = v;
-  else ((uint16_t*)y)[i] = to_bf16(v);
-}
+// ---- arranged activations -------------------------------------------------------------------
 
-// Index of the scale group of k: g is a power of two (shift) or spans all of K (per channel).
-static inline int64_t group_of(int64_t kk, int shift) { return shift < 0 ? 0 : kk >> shift; }
+// Scratch for arranged x: per calling thread, grown on demand, kept while small.
+static __thread void* scratch_ptr;
+static __thread size_t scratch_size;
 
-static int group_shift(int64_t g, int64_t k) {
-  if (g >= k) return -1;
-  int shift = 0;
-  while (((int64_t)1 << shift) < g) ++shift;
-  return shift;
-}
-
-// One weight row of the bf16 kernel: where it lives and how to read its groups.
-typedef struct {
-  const uint8_t* w;     // packed bytes of the row
-  const char* scales;   // the row's scales
-  const int8_t* zeros;  // the row's zeros, or NULL
-} Row;
-
-// Decoding state shared by all rows.
-typedef struct {
-  __m512i lut;    // symmetric: bf16(i % 16 - 8) for i < 32, indexed by a byte's low 5 bits
-  __m512 base;    // asymmetric: fp32 codes -8..7, from which each chunk's table is built
-  int64_t k;
-  int shift;
-  int kind;
-} Decoder;
-
-// Scale vector for a 64-weight chunk at k0: lanes 0-7 take group(k0), lanes 8-15 group(k0 + 32).
-static inline __m512 chunk_scales(const Row* r, int64_t k0, const Decoder* d) {
-  const float s0 = load_scale(r->scales, group_of(k0, d->shift), d->kind);
-  const float s1 = k0 + 32 < d->k ? load_scale(r->scales, group_of(k0 + 32, d->shift), d->kind)
-                                  : 0.0f;
-  return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s0), _mm512_set1_ps(s1));
-}
-
-// The 64 weights of chunk k0 as bf16 (code - zero): lo = even k, hi = odd k, 32 lanes each
-// (lanes 0-15 the first group of 32, lanes 16-31 the second). ASYM is a compile-time constant
-// after inlining: symmetric rows use one fixed table, asymmetric rows a table per chunk whose
-// entries 16-31 hold the second group's values.
-static inline __attribute__((always_inline)) void decode_chunk(const Row* r, int64_t k0,
-                                                               const Decoder* d, __m512bh* lo,
-                                                               __m512bh* hi, const int asym) {
-  const __m256i bytes = k0 + 64 <= d->k ? _mm256_loadu_si256((const __m256i*)(r->w + k0 / 2))
-                                        : _mm256_maskz_loadu_epi8(0xFFFF, r->w + k0 / 2);
-  const __m512i wide = _mm512_cvtepu8_epi16(bytes);
-  __m512i lo_idx = wide, hi_idx = _mm512_srli_epi16(wide, 4), table = d->lut;
-  if (asym) {
-    const float z0 = r->zeros[group_of(k0, d->shift)];
-    const float z1 = k0 + 32 < d->k ? r->zeros[group_of(k0 + 32, d->shift)] : 0.0f;
-    table = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(d->base, _mm512_set1_ps(z1)),
-                                         _mm512_sub_ps(d->base, _mm512_set1_ps(z0)));
-    const __m512i upper = _mm512_maskz_set1_epi16(0xFFFF0000u, 16);  // lanes 16-31 -> 16..31
-    lo_idx = _mm512_or_si512(_mm512_and_si512(wide, _mm512_set1_epi16(0xF)), upper);
-    hi_idx = _mm512_or_si512(hi_idx, upper);
+static void* scratch(size_t bytes, int* owned) {
+  *owned = bytes > SMALL_X_BYTES;
+  if (*owned) return aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+  if (scratch_size < bytes) {
+    free(scratch_ptr);
+    scratch_ptr = aligned_alloc(64, SMALL_X_BYTES);
+    scratch_size = scratch_ptr ? SMALL_X_BYTES : 0;
   }
-  *lo = (__m512bh)_mm512_permutexvar_epi16(lo_idx, table);
-  *hi = (__m512bh)_mm512_permutexvar_epi16(hi_idx, table);
+  return scratch_ptr;
 }
 
-// One weight row against mt rows of x, chunks [c0, c1) (mt a compile-time constant after
-// inlining, so the accumulators stay in registers). Adds the sums to out[0..mt).
-static inline __attribute__((always_inline)) void row_tile_bf16(
-    const uint16_t* x, const Row* r, const Decoder* d, int64_t chunks, int64_t c0, int64_t c1,
-    int64_t pf, float* out, const int mt, const int asym) {
-  __m512 acc[MT];
-  for (int i = 0; i < mt; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t k0 = c * 64;
-    _mm_prefetch((const char*)(r->w + k0 / 2) + pf, _MM_HINT_T0);
-    __m512bh lo, hi;
-    decode_chunk(r, k0, d, &lo, &hi, asym);
-    const __m512 sv = chunk_scales(r, k0, d);
-    for (int i = 0; i < mt; ++i) {
-      const uint16_t* xc = x + (i * chunks + c) * 64;
-      __m512 s = _mm512_dpbf16_ps(_mm512_setzero_ps(), lo, (__m512bh)_mm512_loadu_si512(xc));
-      s = _mm512_dpbf16_ps(s, hi, (__m512bh)_mm512_loadu_si512(xc + 32));
-      acc[i] = _mm512_fmadd_ps(s, sv, acc[i]);
-    }
-  }
-  for (int i = 0; i < mt; ++i) out[i] += _mm512_reduce_add_ps(acc[i]);
-}
-
-// M = 1: ns weight rows at once, from far apart in memory (ns a compile-time constant after
-// inlining): ns independent sums and ns memory streams for the prefetchers, where one row at a
-// time leaves DRAM latency exposed.
-static inline __attribute__((always_inline)) void rows_m1_bf16(const uint16_t* x, const Row* rows,
-                                                               const Decoder* d, int64_t chunks,
-                                                               float* const* out, const int ns,
-                                                               const int asym) {
-  __m512 acc[NS];
-  for (int j = 0; j < ns; ++j) acc[j] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t k0 = c * 64;
-    const __m512bh xl = (__m512bh)_mm512_loadu_si512(x + c * 64);
-    const __m512bh xh = (__m512bh)_mm512_loadu_si512(x + c * 64 + 32);
-    for (int j = 0; j < ns; ++j) {
-      _mm_prefetch((const char*)(rows[j].w + k0 / 2) + PREFETCH_BYTES, _MM_HINT_T0);
-      __m512bh lo, hi;
-      decode_chunk(&rows[j], k0, d, &lo, &hi, asym);
-      __m512 s = _mm512_dpbf16_ps(_mm512_setzero_ps(), lo, xl);
-      s = _mm512_dpbf16_ps(s, hi, xh);
-      acc[j] = _mm512_fmadd_ps(s, chunk_scales(&rows[j], k0, d), acc[j]);
-    }
-  }
-  for (int j = 0; j < ns; ++j) *out[j] += _mm512_reduce_add_ps(acc[j]);
-}
-
-static inline Row row_at(const uint8_t* qweight, const void* scales, const int8_t* zeros,
-                         int64_t row, int64_t k, int64_t groups, int kind) {
-  Row r = {qweight + row * (k / 2), (const char*)scales + row * groups * (kind == 2 ? 4 : 2),
-           zeros ? zeros + row * groups : NULL};
-  return r;
-}
-
-static inline __attribute__((always_inline)) void bf16_body(
-    const uint16_t* x, const uint8_t* qweight, const void* scales, const int8_t* zeros,
-    const Decoder* d, const float* bias, void* y, int out_kind, int64_t m, int64_t n,
-    int64_t groups, int nthreads, const int asym) {
-  const int64_t k = d->k, chunks = (k + 63) / 64;
-  if (m == 1 && X_TILE_BYTES / 128 >= chunks) {
-    // decode: rows i and i + half together, so each thread reads two long sequential streams
-    const int64_t half = (n + 1) / 2;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t i = 0; i < half; ++i) {
-      const int both = i + half < n;
-      Row rows[NS] = {row_at(qweight, scales, zeros, i, k, groups, d->kind)};
-      float acc[NS] = {0};
-      float* o[NS] = {&acc[0], &acc[1]};
-      if (both) {
-        rows[1] = row_at(qweight, scales, zeros, i + half, k, groups, d->kind);
-        rows_m1_bf16(x, rows, d, chunks, o, NS, asym);
-        store(y, out_kind, i + half, acc[1] + (bias ? bias[i + half] : 0.0f));
-      } else {
-        rows_m1_bf16(x, rows, d, chunks, o, 1, asym);
+// x bf16 [M, K] (row stride ldx) -> out [M, B, 4, 32], B = ceil(K / 128):
+// out[m, b, r, j] = x[m, 128b + 4j + r], zero past K.
+void qp_arrange_bf16(const uint16_t* x, int64_t ldx, int64_t m, int64_t k, uint16_t* out) {
+  const int64_t blocks = (k + KB - 1) / KB;
+  uint16_t idx_w[32];
+  for (int j = 0; j < 32; ++j) idx_w[j] = (uint16_t)(4 * (j % 16));
+  const __m512i base = _mm512_loadu_si512(idx_w);
+  for (int64_t i = 0; i < m; ++i) {
+    const uint16_t* xr = x + i * ldx;
+    uint16_t* o = out + i * blocks * KB;
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m512i v[4];
+      for (int q = 0; q < 4; ++q) {
+        const int64_t k0 = b * KB + 32 * q;
+        const int64_t left = k - k0;
+        const __mmask32 mask = left >= 32 ? 0xFFFFFFFFu : left <= 0 ? 0 : (1u << left) - 1;
+        v[q] = _mm512_maskz_loadu_epi16(mask, xr + (left > 0 ? k0 : 0));
       }
-      store(y, out_kind, i, acc[0] + (bias ? bias[i] : 0.0f));
-    }
-    return;
-  }
-  const int64_t blocks = (n + RB - 1) / RB;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t r0 = b * RB, r1 = r0 + RB < n ? r0 + RB : n;
-    for (int64_t m0 = 0; m0 < m; m0 += MT) {
-      const int mt = m - m0 < MT ? (int)(m - m0) : MT;
-      const uint16_t* xt = x + m0 * chunks * 64;
-      const int64_t span = X_TILE_BYTES / (128 * mt);  // chunks of x kept in L1 per pass
-      // prefetch along the row when it is read whole, else the same spot of the next row
-      const int64_t pf = span >= chunks ? PREFETCH_BYTES : k / 2;
-      float out[RB][MT] = {{0}};
-      for (int64_t c0 = 0; c0 < chunks; c0 += span) {
-        const int64_t c1 = c0 + span < chunks ? c0 + span : chunks;
-        for (int64_t row = r0; row < r1; ++row) {
-          const Row r = row_at(qweight, scales, zeros, row, k, groups, d->kind);
-          float* o = out[row - r0];
-          switch (mt) {
-#define TILE(T) \
-  case T: row_tile_bf16(xt, &r, d, chunks, c0, c1, pf, o, T, asym); break;
-            TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
-#undef TILE
-          }
-        }
+      for (int r = 0; r < 4; ++r) {
+        const __m512i idx = _mm512_add_epi16(base, _mm512_set1_epi16((short)r));
+        const __m512i lo = _mm512_permutex2var_epi16(v[0], idx, v[1]);  // j < 16
+        const __m512i hi = _mm512_permutex2var_epi16(v[2], idx, v[3]);  // j >= 16
+        _mm512_storeu_si512(o + b * KB + 32 * r, _mm512_mask_blend_epi16(0xFFFF0000u, lo, hi));
       }
-      for (int64_t row = r0; row < r1; ++row)
-        for (int i = 0; i < mt; ++i)
-          store(y, out_kind, (m0 + i) * n + row, out[row - r0][i] + (bias ? bias[row] : 0.0f));
     }
   }
 }
 
-// x: bf16 [M, C, 2, 32] with C = ceil(K / 64): chunk c holds x[64c + 2j] in [0][j] and
-// x[64c + 2j + 1] in [1][j] (zero padded past K). K % 32 == 0; g % 32 == 0, a power of two or K.
-void qp_w4a16_bf16(const uint16_t* x, const uint8_t* qweight, const void* scales, int scale_kind,
-                   const int8_t* zeros, const float* bias, void* y, int out_kind, int64_t m,
-                   int64_t n, int64_t k, int64_t g, int nthreads) {
-  uint16_t table[32];
+// x fp32 [M, K] (row stride ldx) -> [M, K/32, 2, 16]: [q][0][j] = x[32q + 2j], [q][1][j] = odd.
+static void arrange_f32(const float* x, int64_t ldx, int64_t m, int64_t k, float* out) {
+  int32_t even[16], odd[16];
+  for (int j = 0; j < 16; ++j) even[j] = 2 * j, odd[j] = 2 * j + 1;
+  const __m512i ie = _mm512_loadu_si512(even), io = _mm512_loadu_si512(odd);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t q = 0; q < k / 32; ++q) {
+      const __m512 a = _mm512_loadu_ps(x + i * ldx + 32 * q);
+      const __m512 b = _mm512_loadu_ps(x + i * ldx + 32 * q + 16);
+      _mm512_storeu_ps(out + (i * (k / 32) + q) * 32, _mm512_permutex2var_ps(a, ie, b));
+      _mm512_storeu_ps(out + (i * (k / 32) + q) * 32 + 16, _mm512_permutex2var_ps(a, io, b));
+    }
+}
+
+// ---- bf16 decode ----------------------------------------------------------------------------
+
+// Per-call constants: the group layout of a block and the tables.
+typedef struct {
+  __m512i lut;        // symmetric: bf16(i % 16 - 8), i < 32
+  __m512 base;        // fp32 codes -8..7
+  __m512i lane_grp;   // epi32 lane i: the group of k = 8i within a block (0 .. GPB-1)
+  __m256i lane_grp16; // the same as 16 words
+  __m512i word_grp;   // epi16 word j: (group of k = 4j) << 4, for the asymmetric index
+  __m512i word_lo;    // epi32 lane i: the group of word i (k = 4i), decode to fp32
+  __m512i word_hi;    // epi32 lane i: the group of word 16 + i
+  int64_t k, blocks, groups;
+  int shift;          // group = k >> shift (62 per channel: always group 0)
+  __mmask32 tail_words;  // words of the last block that lie inside K
+  __mmask16 full_groups, tail_groups;  // scale lanes to load per block
+} Dec;
+
+static Dec make_dec(int64_t k, int64_t g) {
+  Dec d;
+  d.k = k;
+  d.blocks = (k + KB - 1) / KB;
+  d.groups = k / g;
+  int shift = 62;
+  if (g < k) {
+    shift = 0;
+    while (((int64_t)1 << shift) < g) ++shift;
+  }
+  d.shift = shift;
+  uint16_t lut[32], wg[32];
   float codes[16];
+  int32_t lg[16], wlo[16], whi[16];
   for (int i = 0; i < 32; ++i) {
     const float v = (float)(i % 16 - 8);
     uint32_t bits;
     memcpy(&bits, &v, sizeof bits);
-    table[i] = (uint16_t)(bits >> 16);  // bf16 of a small integer: its fp32 bits >> 16
-    if (i < 16) codes[i] = v;
+    lut[i] = (uint16_t)(bits >> 16);  // bf16 of a small integer: its fp32 bits >> 16
+    wg[i] = (uint16_t)((shift >= 62 ? 0 : (4 * i) >> shift) << 4);
   }
-  const Decoder d = {_mm512_loadu_si512(table), _mm512_loadu_ps(codes), k, group_shift(g, k),
-                     scale_kind};
-  if (zeros)
-    bf16_body(x, qweight, scales, zeros, &d, bias, y, out_kind, m, n, k / g, nthreads, 1);
-  else
-    bf16_body(x, qweight, scales, NULL, &d, bias, y, out_kind, m, n, k / g, nthreads, 0);
+  for (int i = 0; i < 16; ++i) {
+    codes[i] = (float)(i - 8);
+    lg[i] = shift >= 62 ? 0 : (8 * i) >> shift;
+    wlo[i] = shift >= 62 ? 0 : (4 * i) >> shift;
+    whi[i] = shift >= 62 ? 0 : (4 * (i + 16)) >> shift;
+  }
+  d.lut = _mm512_loadu_si512(lut);
+  d.word_grp = _mm512_loadu_si512(wg);
+  d.base = _mm512_loadu_ps(codes);
+  d.lane_grp = _mm512_loadu_si512(lg);
+  d.lane_grp16 = _mm512_cvtepi32_epi16(d.lane_grp);
+  d.word_lo = _mm512_loadu_si512(wlo);
+  d.word_hi = _mm512_loadu_si512(whi);
+  const int gpb = shift >= 7 ? 1 : KB >> shift;
+  d.full_groups = (__mmask16)((1u << gpb) - 1);
+  const int64_t tail = k - (d.blocks - 1) * KB;  // 32, 64, 96 or 128
+  d.tail_words = tail >= KB ? 0xFFFFFFFFu : (1u << (tail / 4)) - 1;
+  const int64_t tail_groups = shift >= 62 ? 1 : (tail + g - 1) / g;
+  d.tail_groups = (__mmask16)((1u << (tail_groups < gpb ? tail_groups : gpb)) - 1);
+  return d;
 }
 
-// One weight row against mt rows of fp32 x (see row_tile_bf16).
+static inline int gpb_of(const Dec* d) { return d->shift >= 7 ? 1 : KB >> d->shift; }
+
+// One weight row: where it lives.
+typedef struct {
+  const uint8_t* w;
+  const char* s;
+  const int8_t* z;
+} Row;
+
+static inline Row row_at(const uint8_t* qweight, const void* scales, const int8_t* zeros,
+                         int64_t row, const Dec* d, int kind) {
+  Row r = {qweight + row * (d->k / 2), (const char*)scales + row * d->groups * (kind == 2 ? 4 : 2),
+           zeros ? zeros + row * d->groups : NULL};
+  return r;
+}
+
+// The first group of block b; gpb (groups per block, a compile-time constant after inlining)
+// of 4 or 2 fixes the shift, so the loop keeps no variable shift.
+static inline __attribute__((always_inline)) int64_t first_group(const Dec* d, int64_t b,
+                                                                 const int gpb) {
+  if (gpb > 1) return b * gpb;
+  return d->shift >= 62 ? 0 : (b * KB) >> d->shift;
+}
+
+// The block's scales as fp32, lane i = scale of the group holding k = 128b + 8i.
+static inline __attribute__((always_inline)) __m512 block_scales(const Row* r, const Dec* d,
+                                                                 int64_t b, __mmask16 gm,
+                                                                 const int kind, const int gpb) {
+  const int64_t g0 = first_group(d, b, gpb);
+  if (kind == 2) {
+    const __m512 s = _mm512_maskz_loadu_ps(gm, (const float*)r->s + g0);
+    return _mm512_permutexvar_ps(d->lane_grp, s);
+  }
+  if (kind == 1) {
+    const __m256i h = _mm256_maskz_loadu_epi16(gm, (const uint16_t*)r->s + g0);
+    return _mm512_cvtph_ps(_mm256_permutexvar_epi16(d->lane_grp16, h));
+  }
+  const __m512i s = _mm512_maskz_loadu_epi16((__mmask32)gm, (const uint16_t*)r->s + g0);
+  // bf16: its bits in the high half of each fp32 lane, zero below
+  return (__m512)_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, _mm512_slli_epi32(d->lane_grp, 16),
+                                                s);
+}
+
+// The block's zeros as fp32 lanes 0..GPB-1.
+static inline __attribute__((always_inline)) __m512 block_zeros(const Row* r, const Dec* d,
+                                                                int64_t b, __mmask16 gm,
+                                                                const int gpb) {
+  const __m128i z = _mm_maskz_loadu_epi8(gm, r->z + first_group(d, b, gpb));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(z));
+}
+
+static inline __m512 lane_bcast(__m512 v, int q) {
+  return _mm512_permutexvar_ps(_mm512_set1_epi32(q), v);
+}
+
+// The 128 weights of block b as bf16 (code - zero): out[r] word j = k 128b + 4j + r.
+static inline __attribute__((always_inline)) void decode_block(const Row* r, const Dec* d,
+                                                               int64_t b, __m512bh out[4],
+                                                               const int asym, const int gpb) {
+  const int last = b == d->blocks - 1;
+  const __m512i w = last ? _mm512_maskz_loadu_epi16(d->tail_words, r->w + b * 64)
+                         : _mm512_loadu_si512(r->w + b * 64);
+  const __m512i sh[4] = {w, _mm512_srli_epi16(w, 4), _mm512_srli_epi16(w, 8),
+                         _mm512_srli_epi16(w, 12)};
+  if (!asym) {
+    for (int q = 0; q < 4; ++q) out[q] = (__m512bh)_mm512_permutexvar_epi16(sh[q], d->lut);
+    return;
+  }
+  const __m512 z = block_zeros(r, d, b, last ? d->tail_groups : d->full_groups, gpb);
+  const __m512 t0 = _mm512_sub_ps(d->base, lane_bcast(z, 0));
+  if (gpb == 1) {
+    const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(t0, t0);
+    for (int q = 0; q < 4; ++q) out[q] = (__m512bh)_mm512_permutexvar_epi16(sh[q], table);
+    return;
+  }
+  const __m512i mask = _mm512_set1_epi16(0xF);
+  const __m512 t1 = _mm512_sub_ps(d->base, lane_bcast(z, 1));
+  const __m512i ta = (__m512i)_mm512_cvtne2ps_pbh(t1, t0);  // entries 16q + u, q = 0, 1
+  if (gpb == 2) {
+    for (int q = 0; q < 4; ++q) {
+      const __m512i idx = _mm512_ternarylogic_epi32(sh[q], mask, d->word_grp, 0xEA);  // a&b|c
+      out[q] = (__m512bh)_mm512_permutexvar_epi16(idx, ta);
+    }
+    return;
+  }
+  const __m512 t2 = _mm512_sub_ps(d->base, lane_bcast(z, 2));
+  const __m512 t3 = _mm512_sub_ps(d->base, lane_bcast(z, 3));
+  const __m512i tb = (__m512i)_mm512_cvtne2ps_pbh(t3, t2);  // q = 2, 3
+  for (int q = 0; q < 4; ++q) {
+    const __m512i idx = _mm512_ternarylogic_epi32(sh[q], mask, d->word_grp, 0xEA);
+    out[q] = (__m512bh)_mm512_permutex2var_epi16(ta, idx, tb);
+  }
+}
+
+static inline __m512 dot_block(const __m512bh wv[4], const uint16_t* xb) {
+  __m512 s = _mm512_dpbf16_ps(_mm512_setzero_ps(), wv[0], (__m512bh)_mm512_loadu_si512(xb));
+  s = _mm512_dpbf16_ps(s, wv[1], (__m512bh)_mm512_loadu_si512(xb + 32));
+  s = _mm512_dpbf16_ps(s, wv[2], (__m512bh)_mm512_loadu_si512(xb + 64));
+  return _mm512_dpbf16_ps(s, wv[3], (__m512bh)_mm512_loadu_si512(xb + 96));
+}
+
+// M = 1: ns rows (one from each of NS slices of the weight) at once: ns memory streams and ns
+// independent chains, sharing each load of x. No software prefetch: the hardware prefetchers
+// follow the streams (the measured time was lower without).
+static inline __attribute__((always_inline)) void rows_m1(const uint16_t* x, const Row* rows,
+                                                          const Dec* d, float* out, const int ns,
+                                                          const int kind, const int asym,
+                                                          const int gpb) {
+  __m512 acc[NS];
+  for (int j = 0; j < ns; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < d->blocks; ++b) {
+    const __mmask16 gm = b == d->blocks - 1 ? d->tail_groups : d->full_groups;
+    const uint16_t* xb = x + b * KB;
+    for (int j = 0; j < ns; ++j) {
+      __m512bh wv[4];
+      decode_block(&rows[j], d, b, wv, asym, gpb);
+      acc[j] = _mm512_fmadd_ps(dot_block(wv, xb), block_scales(&rows[j], d, b, gm, kind, gpb),
+                               acc[j]);
+    }
+  }
+  for (int j = 0; j < ns; ++j) out[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+// nr (1 or 2) weight rows against mt rows of arranged x, blocks [b0, b1): adds the sums to
+// out[j][0..mt). Two rows share each load of x (the loads, not the multiplies, bound one row).
+static inline __attribute__((always_inline)) void row_tile(const uint16_t* x, const Row* r,
+                                                           const Dec* d, int64_t b0, int64_t b1,
+                                                           int64_t pf, float (*out)[MT],
+                                                           const int nr, const int mt,
+                                                           const int kind, const int asym,
+                                                           const int gpb) {
+  __m512 acc[2][MT];
+  for (int j = 0; j < nr; ++j)
+    for (int i = 0; i < mt; ++i) acc[j][i] = _mm512_setzero_ps();
+  for (int64_t b = b0; b < b1; ++b) {
+    const __mmask16 gm = b == d->blocks - 1 ? d->tail_groups : d->full_groups;
+    __m512bh wv[2][4];
+    __m512 sv[2];
+    for (int j = 0; j < nr; ++j) {
+      _mm_prefetch((const char*)(r[j].w + b * 64) + pf, _MM_HINT_T0);
+      decode_block(&r[j], d, b, wv[j], asym, gpb);
+      sv[j] = block_scales(&r[j], d, b, gm, kind, gpb);
+    }
+    for (int i = 0; i < mt; ++i) {
+      const uint16_t* xb = x + (i * d->blocks + b) * KB;
+      for (int j = 0; j < nr; ++j) acc[j][i] = _mm512_fmadd_ps(dot_block(wv[j], xb), sv[j], acc[j][i]);
+    }
+  }
+  for (int j = 0; j < nr; ++j)
+    for (int i = 0; i < mt; ++i) out[j][i] += _mm512_reduce_add_ps(acc[j][i]);
+}
+
+static inline void store_out(void* y, int out_kind, int64_t i, float v) {
+  if (out_kind == 2) ((float*)y)[i] = v;
+  else ((uint16_t*)y)[i] = to_bf16(v);
+}
+
+// M = 1, rows i + j * slice for j < NS (the OpenMP loops live in the BODY functions below, so
+// that the compile-time kind / asym / gpb reach the outlined loop bodies).
+static inline __attribute__((always_inline)) void m1_rows(
+    const uint16_t* x, const uint8_t* qweight, const void* scales, const int8_t* zeros,
+    const Dec* d, const float* bias, void* y, int out_kind, int64_t n, int64_t slice, int64_t i,
+    const int kind, const int asym, const int gpb) {
+  Row rows[NS];
+  float out[NS];
+  int ns = 0;
+  for (int j = 0; j < NS && i + j * slice < n; ++j, ++ns)
+    rows[j] = row_at(qweight, scales, zeros, i + j * slice, d, kind);
+  switch (ns) {
+#define M1(T) \
+  case T: rows_m1(x, rows, d, out, T, kind, asym, gpb); break;
+    M1(1) M1(2) M1(3) M1(4)
+#undef M1
+  }
+  for (int j = 0; j < ns; ++j)
+    store_out(y, out_kind, i + j * slice, out[j] + (bias ? bias[i + j * slice] : 0.0f));
+}
+
+// M > 1: weight rows [RB * blk, RB * blk + RB) against all rows of x, MT at a time.
+static inline __attribute__((always_inline)) void tile_rows(
+    const uint16_t* x, const uint8_t* qweight, const void* scales, const int8_t* zeros,
+    const Dec* d, const float* bias, void* y, int out_kind, int64_t m, int64_t n, int64_t blk,
+    const int kind, const int asym, const int gpb) {
+  const int64_t r0 = blk * RB, r1 = r0 + RB < n ? r0 + RB : n;
+  for (int64_t m0 = 0; m0 < m; m0 += MT) {
+    const int mt = m - m0 < MT ? (int)(m - m0) : MT;
+    const uint16_t* xt = x + m0 * d->blocks * KB;
+    int64_t span = X_TILE_BYTES / (2 * KB * mt);  // blocks of x kept in cache per pass
+    if (span < 1) span = 1;
+    // prefetch along the row when it is read whole, else the same spot of the next pair
+    const int64_t pf = span >= d->blocks ? PREFETCH_BYTES : d->k;  // rows go in pairs
+    float out[RB][MT] = {{0}};
+    for (int64_t b0 = 0; b0 < d->blocks; b0 += span) {
+      const int64_t b1 = b0 + span < d->blocks ? b0 + span : d->blocks;
+      for (int64_t row = r0; row < r1; row += 2) {
+        const int two = row + 1 < r1;
+        const Row r[2] = {row_at(qweight, scales, zeros, row, d, kind),
+                          row_at(qweight, scales, zeros, two ? row + 1 : row, d, kind)};
+        float(*o)[MT] = &out[row - r0];
+        switch (mt * 2 + two) {
+#define TILE(T)                                                             \
+  case 2 * T: row_tile(xt, r, d, b0, b1, pf, o, 1, T, kind, asym, gpb); break; \
+  case 2 * T + 1: row_tile(xt, r, d, b0, b1, pf, o, 2, T, kind, asym, gpb); break;
+          TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
+#undef TILE
+        }
+      }
+    }
+    for (int64_t row = r0; row < r1; ++row)
+      for (int i = 0; i < mt; ++i)
+        store_out(y, out_kind, (m0 + i) * n + row, out[row - r0][i] + (bias ? bias[row] : 0.0f));
+  }
+}
+
+typedef void (*BodyFn)(const uint16_t*, const uint8_t*, const void*, const int8_t*, const Dec*,
+                       const float*, void*, int, int64_t, int64_t, int);
+
+#define BODY(KIND, ASYM, GPB)                                                                  \
+  static void body_##KIND##_##ASYM##_##GPB(const uint16_t* x, const uint8_t* q, const void* s, \
+                                           const int8_t* z, const Dec* d, const float* bias,   \
+                                           void* y, int ok, int64_t m, int64_t n, int nt) {    \
+    if (m == 1) {                                                                              \
+      const int64_t slice = (n + NS - 1) / NS;                                                 \
+      _Pragma("omp parallel for num_threads(nt) schedule(static)")                            \
+      for (int64_t i = 0; i < slice; ++i)                                                      \
+        m1_rows(x, q, s, z, d, bias, y, ok, n, slice, i, KIND, ASYM, GPB);                     \
+      return;                                                                                  \
+    }                                                                                          \
+    const int64_t nblocks = (n + RB - 1) / RB;                                                 \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                              \
+    for (int64_t blk = 0; blk < nblocks; ++blk)                                                \
+      tile_rows(x, q, s, z, d, bias, y, ok, m, n, blk, KIND, ASYM, GPB);                       \
+  }
+#define BODIES(KIND, ASYM) BODY(KIND, ASYM, 1) BODY(KIND, ASYM, 2) BODY(KIND, ASYM, 4)
+BODIES(0, 0) BODIES(0, 1) BODIES(1, 0) BODIES(1, 1) BODIES(2, 0) BODIES(2, 1)
+#undef BODIES
+#undef BODY
+
+static const BodyFn BODIES_[3][2][3] = {
+#define ROW(KIND, ASYM) {body_##KIND##_##ASYM##_1, body_##KIND##_##ASYM##_2, body_##KIND##_##ASYM##_4}
+    {ROW(0, 0), ROW(0, 1)}, {ROW(1, 0), ROW(1, 1)}, {ROW(2, 0), ROW(2, 1)},
+#undef ROW
+};
+
+static int gpb_slot(int gpb) { return gpb == 4 ? 2 : gpb == 2 ? 1 : 0; }
+
+// x: bf16 [M, K] with row stride ldx; y: [M, N] bf16 (out_kind 0) or fp32 (2).
+int qp_w4a16_bf16(const uint16_t* x, int64_t ldx, const uint8_t* qweight, const void* scales,
+                   int scale_kind, const int8_t* zeros, const float* bias, void* y, int out_kind,
+                   int64_t m, int64_t n, int64_t k, int64_t g, int nthreads) {
+  const Dec d = make_dec(k, g);
+  int owned;
+  uint16_t* xa = scratch((size_t)m * d.blocks * KB * 2, &owned);
+  if (!xa) return -1;  // out of memory for the arranged x
+  qp_arrange_bf16(x, ldx, m, k, xa);
+  BODIES_[scale_kind][zeros != NULL][gpb_slot(gpb_of(&d))](xa, qweight, scales, zeros, &d, bias,
+                                                           y, out_kind, m, n, nthreads);
+  if (owned) free(xa);
+  return 0;
+}
+
+// ---- dequantized panels for the GEMM path ---------------------------------------------------
+
+static inline __m512 scales_f32(const Row* r, const Dec* d, int64_t b, __mmask16 gm, int kind,
+                                const int gpb) {
+  const int64_t g0 = first_group(d, b, gpb);
+  if (kind == 2) return _mm512_maskz_loadu_ps(gm, (const float*)r->s + g0);
+  const __m256i h = _mm256_maskz_loadu_epi16(gm, (const uint16_t*)r->s + g0);
+  if (kind == 1) return _mm512_cvtph_ps(h);
+  return (__m512)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+}
+
+// bf16 table of group q of a block: RNE((code - zero) * scale) for the 16 codes, fp32 math.
+static inline __m512 group_values(const Dec* d, __m512 s, __m512 z, int q, const int asym) {
+  const __m512 c = asym ? _mm512_sub_ps(d->base, lane_bcast(z, q)) : d->base;
+  return _mm512_mul_ps(c, lane_bcast(s, q));
+}
+
+// One row of the dequantized weight in the arranged order (see qp_decode_bf16).
+static inline __attribute__((always_inline)) void decode_row(const Row* r, const Dec* d,
+                                                             uint16_t* o, int kind,
+                                                             const int asym, const int gpb) {
+  const __m512i mask = _mm512_set1_epi16(0xF);
+  for (int64_t b = 0; b < d->blocks; ++b) {
+    const int last = b == d->blocks - 1;
+    const __mmask16 gm = last ? d->tail_groups : d->full_groups;
+    const __mmask32 wm = last ? d->tail_words : 0xFFFFFFFFu;
+    const __m512i w = _mm512_maskz_loadu_epi16(wm, r->w + b * 64);
+    const __m512 s = scales_f32(r, d, b, gm, kind, gpb);
+    const __m512 z = asym ? block_zeros(r, d, b, gm, gpb) : _mm512_setzero_ps();
+    const __m512 v0 = group_values(d, s, z, 0, asym);
+    const __m512 v1 = gpb > 1 ? group_values(d, s, z, 1, asym) : v0;
+    const __m512i ta = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);  // entries 16q + u, q = 0, 1
+    __m512i tb = ta;
+    if (gpb == 4)
+      tb = (__m512i)_mm512_cvtne2ps_pbh(group_values(d, s, z, 3, asym),
+                                        group_values(d, s, z, 2, asym));
+    for (int q = 0; q < 4; ++q) {
+      const __m512i sh = _mm512_srli_epi16(w, 4 * q);
+      __m512i v;
+      if (gpb == 1) {
+        v = _mm512_permutexvar_epi16(sh, ta);  // the table repeats: low 5 bits suffice
+      } else {
+        const __m512i idx = _mm512_ternarylogic_epi32(sh, mask, d->word_grp, 0xEA);
+        v = gpb == 2 ? _mm512_permutexvar_epi16(idx, ta) : _mm512_permutex2var_epi16(ta, idx, tb);
+      }
+      _mm512_storeu_si512(o + b * KB + 32 * q, last ? _mm512_maskz_mov_epi16(wm, v) : v);
+    }
+  }
+}
+
+// Rows [n0, n1) of the weight as bf16 RNE((code - zero) * scale) (fp32 math, as the scheme's
+// dequantize), in the arranged k order: out[(row - n0) * ldo + 128b + 32r + j] is k 128b+4j+r,
+// zero past K. ldo >= ceil(K / 128) * 128. Per block: one bf16 table per group, then a permute
+// per 32 weights.
+void qp_decode_bf16(const uint8_t* qweight, const void* scales, int kind, const int8_t* zeros,
+                    int64_t n0, int64_t n1, int64_t k, int64_t g, uint16_t* out, int64_t ldo,
+                    int nthreads) {
+  const Dec d = make_dec(k, g);
+  const int gpb = gpb_of(&d);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t row = n0; row < n1; ++row) {
+    const Row r = row_at(qweight, scales, zeros, row, &d, kind);
+    uint16_t* o = out + (row - n0) * ldo;
+    if (zeros) {
+      if (gpb == 4) decode_row(&r, &d, o, kind, 1, 4);
+      else if (gpb == 2) decode_row(&r, &d, o, kind, 1, 2);
+      else decode_row(&r, &d, o, kind, 1, 1);
+    } else {
+      if (gpb == 4) decode_row(&r, &d, o, kind, 0, 4);
+      else if (gpb == 2) decode_row(&r, &d, o, kind, 0, 2);
+      else decode_row(&r, &d, o, kind, 0, 1);
+    }
+  }
+}
+
+// ---- fp32 activations -----------------------------------------------------------------------
+
+static inline float load_scale(const void* scales, int64_t i, int kind) {
+  if (kind == 2) return ((const float*)scales)[i];
+  uint16_t h = ((const uint16_t*)scales)[i];
+  if (kind == 1) return _cvtsh_ss(h);
+  uint32_t bits = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// One weight row against mt rows of fp32 x ([M, K/32, 2, 16], see arrange_f32).
 static inline __attribute__((always_inline)) void row_tile_f32(
     const float* x, const Row* r, __m512 codes, int64_t blocks, int shift, int kind, float* out,
     const int mt) {
@@ -259,12 +532,12 @@ static inline __attribute__((always_inline)) void row_tile_f32(
   for (int i = 0; i < mt; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t q = 0; q < blocks; ++q) {
     _mm_prefetch((const char*)(r->w + q * 16) + PREFETCH_BYTES, _MM_HINT_T0);
-    const int64_t grp = group_of(q * 32, shift);
-    const __m512 table = r->zeros ? _mm512_sub_ps(codes, _mm512_set1_ps(r->zeros[grp])) : codes;
+    const int64_t grp = shift >= 62 ? 0 : (q * 32) >> shift;
+    const __m512 table = r->z ? _mm512_sub_ps(codes, _mm512_set1_ps(r->z[grp])) : codes;
     const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(r->w + q * 16)));
     const __m512 lo = _mm512_permutexvar_ps(idx, table);  // vpermps reads the low 4 index bits
     const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table);
-    const __m512 sv = _mm512_set1_ps(load_scale(r->scales, grp, kind));
+    const __m512 sv = _mm512_set1_ps(load_scale(r->s, grp, kind));
     for (int i = 0; i < mt; ++i) {
       const float* xq = x + (i * blocks + q) * 32;
       __m512 s = _mm512_mul_ps(lo, _mm512_loadu_ps(xq));
@@ -275,29 +548,35 @@ static inline __attribute__((always_inline)) void row_tile_f32(
   for (int i = 0; i < mt; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
-// x: fp32 [M, K/32, 2, 16]: group q holds x[32q + 2j] in [0][j] and x[32q + 2j + 1] in [1][j].
-void qp_w4a16_f32(const float* x, const uint8_t* qweight, const void* scales, int scale_kind,
-                  const int8_t* zeros, const float* bias, float* y, int64_t m, int64_t n,
-                  int64_t k, int64_t g, int nthreads) {
-  const int64_t groups = k / g, blocks = k / 32;
-  const int shift = group_shift(g, k);
-  float table[16];
-  for (int i = 0; i < 16; ++i) table[i] = (float)(i - 8);
-  const __m512 codes = _mm512_loadu_ps(table);
+// x: fp32 [M, K] with row stride ldx; y fp32 [M, N].
+int qp_w4a16_f32(const float* x, int64_t ldx, const uint8_t* qweight, const void* scales,
+                  int scale_kind, const int8_t* zeros, const float* bias, float* y, int64_t m,
+                  int64_t n, int64_t k, int64_t g, int nthreads) {
+  const Dec d = make_dec(k, g);
+  const int64_t blocks = k / 32;
+  float codes_[16];
+  for (int i = 0; i < 16; ++i) codes_[i] = (float)(i - 8);
+  const __m512 codes = _mm512_loadu_ps(codes_);
+  int owned;
+  float* xa = scratch((size_t)m * k * 4, &owned);
+  if (!xa) return -1;
+  arrange_f32(x, ldx, m, k, xa);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t row = 0; row < n; ++row) {
-    const Row r = row_at(qweight, scales, zeros, row, k, groups, scale_kind);
+    const Row r = row_at(qweight, scales, zeros, row, &d, scale_kind);
     for (int64_t m0 = 0; m0 < m; m0 += MT) {
       const int mt = m - m0 < MT ? (int)(m - m0) : MT;
-      const float* xt = x + m0 * blocks * 32;
+      const float* xt = xa + m0 * blocks * 32;
       float out[MT];
       switch (mt) {
 #define TILE(T) \
-  case T: row_tile_f32(xt, &r, codes, blocks, shift, scale_kind, out, T); break;
+  case T: row_tile_f32(xt, &r, codes, blocks, d.shift, scale_kind, out, T); break;
         TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
 #undef TILE
       }
       for (int i = 0; i < mt; ++i) y[(m0 + i) * n + row] = out[i] + (bias ? bias[row] : 0.0f);
     }
   }
+  if (owned) free(xa);
+  return 0;
 }
