@@ -33,8 +33,8 @@ __all__ = ["w4a16_linear", "w4a16_grouped_linear", "linear"]
 
 # The CPU bodies are registered straight on the dispatcher (a CPU kernel and a fake): about 2 us
 # per call where `torch.library.custom_op`'s Python wrapper costs about 11 us, which shows on
-# small decode matmuls. Registered ops can be reached from a crafted .pt2, so each validates its
-# arguments with the one validator before any kernel sees them.
+# small decode matmuls. Registered ops can be reached from a crafted .pt2: their bodies are
+# `kernels.cpu`'s entries, which validate with the one validator before any kernel sees them.
 _LIB = torch.library.Library("qatpass", "FRAGMENT")
 _LIB.define(
     "w4a16_linear_cpu(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, "
@@ -47,17 +47,14 @@ _LIB.define(
 
 
 def _linear_cpu(x, qweight, scales, zeros, bias, group_size: int) -> torch.Tensor:
-    """CPU body of `w4a16_linear` on x [M, K] (opaque: the native kernel is a foreign call)."""
-    if x.dim() != 2:
-        raise ValueError(f"w4a16_linear_cpu: x must be [M, K], got {tuple(x.shape)}")
-    _, _, g = check_packed_args(x, qweight, scales, zeros, bias, group_size, experts=False)
-    return _cpu_linear(x, qweight, scales, zeros, bias, group_size=g)
+    """CPU body of `w4a16_linear` on x [M, K] (opaque: the native kernel is a foreign call);
+    `kernels.cpu.linear` validates, once."""
+    return _cpu_linear(x, qweight, scales, zeros, bias, group_size=group_size)
 
 
 def _grouped_cpu(x, qweight, scales, zeros, bias, expert_ids, group_size: int) -> torch.Tensor:
-    """CPU body of the grouped op: one matmul per expert present, on that expert's rows."""
-    _, _, g = check_grouped_args(x, qweight, scales, zeros, bias, expert_ids, group_size)
-    return _cpu_grouped(x, qweight, scales, zeros, bias, expert_ids, group_size=g)
+    """CPU body of the grouped op (`kernels.cpu.grouped_linear` validates, once)."""
+    return _cpu_grouped(x, qweight, scales, zeros, bias, expert_ids, group_size=group_size)
 
 
 _LIB.impl("w4a16_linear_cpu", _linear_cpu, "CPU")
