@@ -25,7 +25,7 @@ from qatpass.kernels.triton.common import (
     use_fp32_dot,
 )
 from qatpass.kernels.triton.plan import GemmPlan, plan_gemm
-from qatpass.kernels.triton.splitk_reduce import splitk_reduce
+from qatpass.kernels.triton.splitk_reduce import splitk_output, splitk_reduce
 
 
 @triton.jit
@@ -130,12 +130,7 @@ def w4a16_gemm(
     if plan is None:
         plan = plan_gemm(m, n, k, group_size, num_sms(x.device), split_k)
     split_k = plan.split_k
-    if split_k == 1:
-        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-        stride_os = 0
-    else:
-        out = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
-        stride_os = m * n
+    out, stride_os = splitk_output(x, m, n, split_k)
     launch(
         w4a16_gemm_kernel,
         plan.grid,

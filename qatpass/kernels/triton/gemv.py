@@ -34,7 +34,7 @@ import triton.language as tl
 
 from qatpass.kernels.triton.common import cast_rne, interpreting, launch, num_sms
 from qatpass.kernels.triton.plan import GemvPlan, plan_gemv
-from qatpass.kernels.triton.splitk_reduce import splitk_reduce
+from qatpass.kernels.triton.splitk_reduce import splitk_output, splitk_reduce
 
 MAGIC = tl.constexpr(0x4B000000)  # fp32 2**23: its mantissa LSB has weight 1
 # AND masks keeping MAGIC's bits and nibble j' (bits 4j'..4j'+3) of a word OR-ed with MAGIC
@@ -354,12 +354,7 @@ def w4a16_gemv(
     if plan is None:
         plan = plan_gemv(m, n, k, group_size, num_sms(x.device), split_k)
     split_k = plan.split_k
-    if split_k == 1:
-        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-        stride_os = 0
-    else:
-        out = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
-        stride_os = m * n
+    out, stride_os = splitk_output(x, m, n, split_k)
     launch(
         w4a16_gemv_kernel,
         plan.grid,
