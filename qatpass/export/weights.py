@@ -109,14 +109,9 @@ def _ignored(model: nn.Module, quantized_modules: set[str]) -> list[str]:
 def _refuse_packed_tensors(model: nn.Module) -> None:
     """Checkpoint formats name weights by module (`<module>.weight_packed`): a parameter that model
     code uses directly, served as a PackedTensor, has no such module, so it is refused by name."""
-    from qatpass.lowering.packed_tensor import PackedTensor
+    from qatpass.lowering.convert import packed_tensors
 
-    found = [
-        f"{name}.{attr}" if name else attr
-        for name, module in model.named_modules()
-        for attr, value in vars(module).items()
-        if isinstance(value, PackedTensor)
-    ]
+    found = [f"{name}.{attr}" if name else attr for name, attr, _ in packed_tensors(model)]
     if found:
         raise ValueError(
             f"{len(found)} packed weight(s) are parameters model code uses directly ({found[:4]}); "

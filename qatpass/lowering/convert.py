@@ -49,6 +49,7 @@ __all__ = [
     "convert",
     "install_packed",
     "module_plan",
+    "packed_tensors",
     "packed_weights",
     "refresh",
     "serving_targets",
@@ -269,7 +270,8 @@ def _packed_modules(qmodel: nn.Module):
             yield name, module
 
 
-def _packed_tensors(qmodel: nn.Module):
+def packed_tensors(qmodel: nn.Module):
+    """(module name, attribute, PackedTensor) for every parameter served as a PackedTensor."""
     for name, module in qmodel.named_modules():
         for attr, value in vars(module).items():
             if isinstance(value, PackedTensor):
@@ -360,7 +362,7 @@ def _staged_repacks(qmodel: nn.Module, model: nn.Module) -> list[tuple[Any, str,
         else:
             for attr, old in module.packed().items():
                 stage(module, attr, prefix + attr, old)
-    for name, attr, tensor in _packed_tensors(qmodel):
+    for name, attr, tensor in packed_tensors(qmodel):
         stage(tensor, attr, f"{name}.{attr}" if name else attr, tensor.packed)
     return staged
 

@@ -71,19 +71,16 @@ class PackedTensor(torch.Tensor):
         fast = _fast_path(func, args, kwargs)
         if fast is not None:
             return fast
-
-        def plain(a):
-            return a.dequantize() if isinstance(a, PackedTensor) else a
-
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*tree_map(plain, args), **tree_map(plain, kwargs))
+            return func(*tree_map(_dequantized, args), **tree_map(_dequantized, kwargs))
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        def plain(a):
-            return a.dequantize() if isinstance(a, PackedTensor) else a
+        return func(*tree_map(_dequantized, args), **tree_map(_dequantized, kwargs or {}))
 
-        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
+
+def _dequantized(a: Any) -> Any:
+    return a.dequantize() if isinstance(a, PackedTensor) else a
 
 
 _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
