@@ -2,6 +2,7 @@
 
 - `docstring_sentences`: first lines of module / class / function docstrings (part A's sentences).
 - `source_bytes`: the raw source files as bytes (part B's byte-level LM corpus).
+- `docstring_texts`: whole docstrings (the pretrained-LM study's prose).
 
 Files are walked in sorted order under `sysconfig.get_paths()["stdlib"]` (tests, site-packages and
 vendored test data skipped); a file is held out when crc32(relative path) % 5 == 0, so the split
@@ -17,7 +18,14 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Split", "stdlib_files", "is_held_out", "docstring_sentences", "source_bytes"]
+__all__ = [
+    "Split",
+    "stdlib_files",
+    "is_held_out",
+    "docstring_sentences",
+    "docstring_texts",
+    "source_bytes",
+]
 
 _SKIP_PARTS = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
 
@@ -44,18 +52,18 @@ def is_held_out(rel_path: str, every: int = 5) -> bool:
     return zlib.crc32(rel_path.encode()) % every == 0
 
 
-def _first_lines(source: str) -> list[str]:
+def _docstrings(source: str) -> list[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # invalid escape sequences in old modules
         tree = ast.parse(source)
     kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, kinds):
-            doc = ast.get_docstring(node)
-            if doc:
-                out.append(doc.strip().splitlines()[0].strip())
-    return out
+    return [
+        doc.strip() for n in ast.walk(tree) if isinstance(n, kinds) if (doc := ast.get_docstring(n))
+    ]
+
+
+def _first_lines(source: str) -> list[str]:
+    return [doc.splitlines()[0].strip() for doc in _docstrings(source)]
 
 
 def docstring_sentences(
@@ -82,6 +90,27 @@ def docstring_sentences(
                 kept += 1
         counts[side is held] += kept > 0
     return Split(train, held, counts[0], counts[1])
+
+
+def docstring_texts(
+    max_files: int | None = None, min_chars: int = 200, max_chars: int = 4000
+) -> Split:
+    """Whole docstrings of `min_chars`..`max_chars` characters (deduplicated), split by file."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    seen: set[str] = set()
+    sides: tuple[list[str], list[str]] = ([], [])
+    counts = [0, 0]
+    for path in stdlib_files(root)[:max_files]:
+        try:
+            docs = _docstrings(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        held = is_held_out(path.relative_to(root).as_posix())
+        kept = [d for d in docs if min_chars <= len(d) <= max_chars and d not in seen]
+        seen.update(kept)
+        sides[held].extend(kept)
+        counts[held] += bool(kept)
+    return Split(sides[0], sides[1], counts[0], counts[1])
 
 
 def source_bytes(max_files: int | None = None, max_bytes_per_file: int = 200_000) -> Split:
