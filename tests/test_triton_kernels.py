@@ -213,6 +213,19 @@ def test_every_gemv_tile_is_correct(block_n, block_k, split_k):
     _check_gemv(y, x, p)
 
 
+def test_gemv_activations_off_a_4_byte_boundary():
+    """x starting at an odd element (the tensor-core GEMV reads x as 32-bit pairs: the
+    launcher realigns it) gives the same result as an aligned copy."""
+    p, (qweight, scales, _) = _packed((N, 256), 32)
+    base = torch.randn(1, 257, dtype=torch.bfloat16, device=DEVICE)
+    x = base[:, 1:]
+    assert x.storage_offset() % 2 == 1
+    y = gemv.w4a16_gemv(x, qweight, scales, None, group_size=32)
+    ref = gemv.w4a16_gemv(x.clone(), qweight, scales, None, group_size=32)
+    torch.testing.assert_close(y, ref, **EXACT)
+    torch.testing.assert_close(y.float(), _reference(x, p), **ACCUM[torch.bfloat16])
+
+
 @pytest.mark.parametrize("m", [1, 20])
 def test_k_in_whole_blocks_takes_the_unmasked_path(m):
     """K a multiple of every BLOCK_K (EVEN_K): the kernels drop the K masks, as on real
@@ -414,8 +427,8 @@ def test_grouped_refuses_bias_of_wrong_shape():
 @pytest.mark.parametrize(
     ("m", "n", "k", "group_size", "kernel", "block_m", "split_k"),
     [
-        (1, 4096, 4096, 32, "gemv", None, 8),
-        (1, 14336, 4096, 128, "gemv", None, 4),
+        (1, 4096, 4096, 32, "gemv", None, 32),
+        (1, 14336, 4096, 128, "gemv", None, 16),
         (16, 4096, 4096, 32, "gemm", 16, 8),
         (64, 4096, 4096, 128, "gemm", 64, 8),
         (512, 14336, 4096, 32, "gemm", 128, 1),
@@ -432,8 +445,23 @@ def test_plan_follows_the_real_shapes(m, n, k, group_size, kernel, block_m, spli
 
 
 def test_gemv_block_k_tiles_whole_groups():
-    assert [plan.gemv_block_k(4096, g) for g in (8, 32, 128, 4096)] == [512] * 4
+    """The tensor-core tile (BLOCK_K 128) wherever it tiles whole groups; else the widest
+    power of two that does."""
+    assert [plan.gemv_block_k(4096, g) for g in (8, 16, 32, 128, 4096)] == [512, 512, 128, 128, 128]
     assert plan.gemv_block_k(160, 160) == 32 and plan.gemv_block_k(96, 32) == 128
+    assert plan.gemv_block_k(64, 32) == 64
+
+
+@pytest.mark.parametrize(("n", "k"), [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_gemv_plan_fills_an_h200(n, k, group_size):
+    """Every benchmark shape at M = 1: the tensor-core tile, >= 2 waves of CTAs at
+    GEMV_OCCUPANCY (or one K step per split), every split with a K step, the splits covering K."""
+    chosen = plan.plan_gemv(1, n, k, group_size, 132)
+    assert (chosen.block_n, chosen.block_k) == (128, plan.GEMV_MMA_BLOCK_K)
+    ctas = chosen.grid[0] * chosen.grid[1] * chosen.grid[2]
+    assert ctas >= plan.GEMV_WAVES * plan.GEMV_OCCUPANCY * 132 or chosen.steps == 1
+    assert (chosen.split_k - 1) * chosen.steps < chosen.k_steps <= chosen.split_k * chosen.steps
 
 
 def test_grouped_pruning_keeps_block_k_within_the_group():
@@ -509,6 +537,12 @@ COMPILE_SCRIPT = textwrap.dedent(
     gemv_meta = {"EVEN_N": False, "UNROLL": 2, "BLOCK_N": 32, "BLOCK_K": 512}
     compile_for_sm90(gemv.w4a16_gemv_kernel,
                      {**common, "SPLIT_K": 1, "EVEN_K": True, **gemv_meta})
+    mma_meta = {**gemv_meta, "BLOCK_N": 128, "BLOCK_K": 128}  # the tensor-core GEMV
+    compile_for_sm90(gemv.w4a16_gemv_kernel, {**common, "SPLIT_K": 4, "EVEN_K": False, **mma_meta})
+    for x_dtype, s_dtype in (("*fp16", "*bf16"), ("*fp32", "*bf16"), ("*bf16", "*fp32")):
+        POINTERS.update(x_ptr=x_dtype, scales_ptr=s_dtype)  # the other GEMV paths at that tile
+        compile_for_sm90(gemv.w4a16_gemv_kernel, {**common, "SPLIT_K": 1, "EVEN_K": True, **mma_meta})
+    POINTERS.update(x_ptr="*bf16", scales_ptr="*bf16")
     compile_for_sm90(gemm.w4a16_gemm_kernel,
                      {**common, "SPLIT_K": 2, "EVEN_K": False, "DOT_FP32": False,
                       "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32})

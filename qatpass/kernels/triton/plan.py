@@ -20,6 +20,8 @@ GEMV_MAX_M = 1
 GEMV_OCCUPANCY = 4
 GEMV_WAVES = 2
 GEMV_MAX_BLOCK_K = 512
+# BLOCK_K of the tensor-core GEMV (gemv._mma_word relies on its layout: 16 words a row)
+GEMV_MMA_BLOCK_K = 128
 GEMV_ROWS_PER_THREAD = 4
 GEMV_WARPS = 4
 
@@ -47,8 +49,13 @@ class GemvPlan:
 
 
 def gemv_block_k(k: int, group_size: int) -> int:
-    """The largest power-of-two BLOCK_K <= 512 that tiles whole groups or lies in one (so each
-    step reads whole scales), no wider than K needs; at least 32 (four words per thread)."""
+    """GEMV_MMA_BLOCK_K where K has a step of it and it tiles whole groups or lies in one (the
+    tensor-core GEMV's tile: 16 words a row, 4 lanes along K); otherwise the largest
+    power-of-two BLOCK_K <= 512 that does (each step reads whole scales), no wider than K
+    needs; at least 32 (four words per thread)."""
+    mma = GEMV_MMA_BLOCK_K
+    if k >= mma and (group_size % mma == 0 or (mma % group_size == 0 and group_size >= 32)):
+        return mma
     cap = max(32, min(GEMV_MAX_BLOCK_K, next_power_of_2(k)))
     bk = cap
     while bk > 32 and group_size % bk and bk % group_size:
