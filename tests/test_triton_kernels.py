@@ -516,7 +516,7 @@ COMPILE_SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.autotuner import Autotuner
-    from qatpass.kernels.triton import gemm, gemv, grouped, splitk_reduce
+    from qatpass.kernels.triton import gemm, gemv, grouped, grouped_gemm, splitk_reduce
 
     POINTERS = {
         "x_ptr": "*bf16", "qweight_ptr": "*i32", "qbytes_ptr": "*u8", "scales_ptr": "*bf16",
@@ -550,6 +550,12 @@ COMPILE_SCRIPT = textwrap.dedent(
                      {**common, "GROUP_SIZE": 128, "SPLIT_K": 2, "EVEN_K": False, **gemv_meta})
     compile_for_sm90(grouped.w4a16_grouped_kernel, {**common, "EVEN_K": False},
                      grouped.GROUPED_CONFIGS[0])
+    POINTERS.update({f"{name}_ptr": "*i64" for name in ("order", "tile_expert", "tile_row0",
+                                                        "tile_row_end")})
+    for bm, bn, bk in ((16, 128, 32), (64, 128, 64)):
+        compile_for_sm90(grouped_gemm.w4a16_grouped_gemm_kernel,
+                         {**common, "EVEN_K": False, "DOT_FP32": False, "BLOCK_M": bm,
+                          "BLOCK_N": bn, "BLOCK_K": bk})
     compile_for_sm90(splitk_reduce.splitk_reduce_kernel,
                      {"SPLIT_K": 4, "HAS_BIAS": True, "INTERPRET": False, "BLOCK": 1024})
     print("compiled")

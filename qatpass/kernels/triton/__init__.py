@@ -12,7 +12,9 @@ summation order. Kernel families, one file each (kernel, launcher):
 - `gemm`: M >= 2, tiled tensor-core `tl.dot`, split-K when the output tiles are few (small M);
 - `plan`: the launch plans (kernel, tile, split-K, grid) from the run-time shapes;
 - `splitk_reduce`: the deterministic second stage of split-K (fixed order, bias, cast);
-- `grouped`: per-row expert weights (MoE batched_mm form).
+- `grouped`: per-row expert weights (MoE batched_mm form, decode);
+- `grouped_gemm`: MoE prefill, rows sorted by expert, tensor-core tiles per expert (the plan
+  picks it from the number of routed rows: `plan.plan_grouped`).
 
 Launching (`common.launch`): `kernel[grid](**kwargs)`, through `wrap_triton` while tracing (the
 launchers themselves stay traceable); on CPU tensors the kernels run under TRITON_INTERPRET=1
@@ -39,7 +41,8 @@ from qatpass.kernels.triton.common import check_device, check_packed, num_sms
 from qatpass.kernels.triton.gemm import w4a16_gemm
 from qatpass.kernels.triton.gemv import w4a16_gemv
 from qatpass.kernels.triton.grouped import w4a16_grouped
-from qatpass.kernels.triton.plan import GEMV_MAX_M, plan_linear
+from qatpass.kernels.triton.grouped_gemm import w4a16_grouped_gemm
+from qatpass.kernels.triton.plan import GEMV_MAX_M, plan_grouped, plan_linear
 from qatpass.packed_args import check_grouped_args, check_packed_args
 
 __all__ = ["GEMV_MAX_M", "plan_linear", "w4a16_grouped_matmul", "w4a16_matmul"]
@@ -140,15 +143,12 @@ def _grouped(x, qweight, scales, zeros, bias, expert_ids, n: int, g: int) -> tor
             )
     if t == 0 or n == 0:
         return torch.empty((t, n), device=x.device, dtype=x.dtype)
-    return w4a16_grouped(
-        x,
-        qweight.contiguous(),
-        scales.contiguous(),
-        _contiguous(zeros),
-        expert_ids=expert_ids.contiguous(),
-        group_size=g,
-        bias=_contiguous(bias),
-    )
+    plan = plan_grouped(t, n, x.shape[1], g, num_experts)
+    args = (x, qweight.contiguous(), scales.contiguous(), _contiguous(zeros))
+    kwargs = dict(expert_ids=expert_ids.contiguous(), group_size=g, bias=_contiguous(bias))
+    if plan.kernel == "grouped_gemm":
+        return w4a16_grouped_gemm(*args, **kwargs, plan=plan)
+    return w4a16_grouped(*args, **kwargs)
 
 
 # --- the opaque ops that traced graphs call: planned and launched at run time ---------------

@@ -141,3 +141,38 @@ def plan_linear(m: int, n: int, k: int, group_size: int, sms: int) -> GemvPlan |
     if m <= GEMV_MAX_M:
         return plan_gemv(m, n, k, group_size, sms)
     return plan_gemm(m, n, k, group_size, sms)
+
+
+@dataclass(frozen=True)
+class GroupedPlan:
+    """An MoE launch: the per-row kernel ("grouped", decode) or the sorted grouped GEMM
+    ("grouped_gemm", prefill: tiles BLOCK_M x BLOCK_N x BLOCK_K of one expert's rows)."""
+
+    kernel: str
+    block_m: int = 0
+    block_n: int = 0
+    block_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# Routed rows per expert (on average) from which the sorted grouped GEMM replaces the per-row
+# kernel: from there a BLOCK_M = 16 tile reads an expert's weights once for several rows
+# instead of once per row; and at least this many rows in all.
+GROUPED_GEMM_MIN_ROWS_PER_EXPERT = 4
+GROUPED_GEMM_MIN_ROWS = 16
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_grouped(t: int, n: int, k: int, group_size: int, experts: int) -> GroupedPlan:
+    """The per-row kernel for few routed rows; else the sorted grouped GEMM, BLOCK_M growing
+    with the rows per expert, BLOCK_K narrowed to lie within a group and to K."""
+    if t < max(GROUPED_GEMM_MIN_ROWS, GROUPED_GEMM_MIN_ROWS_PER_EXPERT * experts):
+        return GroupedPlan("grouped")
+    per_expert = cdiv(t, experts)
+    bm = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
+    bk = 64
+    while bk > 16 and (group_size % bk or bk > max(16, next_power_of_2(k))):
+        bk //= 2
+    bn = max(16, min(128, next_power_of_2(n)))
+    return GroupedPlan("grouped_gemm", bm, bn, bk, 4, 3)
