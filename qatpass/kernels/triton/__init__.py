@@ -10,6 +10,7 @@ once to x.dtype, so results equal `x @ qatpass.dequantize(p, dtype=x.dtype).T` u
 summation order. Kernel families, one file each (kernel, launcher):
 - `gemv`: M = 1 (decode), CUDA cores, int32 word tiles, split-K sized from the real tile;
 - `gemm`: M >= 2, tiled tensor-core `tl.dot`, split-K when the output tiles are few (small M);
+- `dequant_matmul`: large M (plan.DEQUANT_MATMUL_MIN_M), the weight dequantized once, cuBLAS;
 - `plan`: the launch plans (kernel, tile, split-K, grid) from the run-time shapes;
 - `splitk_reduce`: the deterministic second stage of split-K (fixed order, bias, cast);
 - `grouped`: per-row expert weights (MoE batched_mm form, decode);
@@ -38,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from qatpass.kernels.triton.common import check_device, check_packed, num_sms
+from qatpass.kernels.triton.dequant_matmul import w4a16_dequant_matmul
 from qatpass.kernels.triton.gemm import w4a16_gemm
 from qatpass.kernels.triton.gemv import w4a16_gemv
 from qatpass.kernels.triton.grouped import w4a16_grouped
@@ -75,11 +77,15 @@ def w4a16_matmul(
     zeros int8 [N, K/G] or None, bias [N] or None. Returns [..., N] in x.dtype.
 
     group_size -1 means one group per row (per channel). The kernel, tile and split-K follow
-    `plan_linear` on the run-time M (GEMV up to GEMV_MAX_M rows, GEMM above)."""
+    `plan_linear` on the run-time M (GEMV up to GEMV_MAX_M rows, GEMM above, dequantize +
+    cuBLAS from DEQUANT_MATMUL_MIN_M)."""
     if _traced(x):
         return torch.ops.qatpass.w4a16_matmul_triton(x, qweight, scales, zeros, bias, group_size)
     n, k, g = check_packed(x, qweight, scales, zeros, bias, group_size, experts=False)
     return _matmul(x, qweight, scales, zeros, bias, n, k, g)
+
+
+_LAUNCHERS = {"gemv": w4a16_gemv, "gemm": w4a16_gemm, "dequant_matmul": w4a16_dequant_matmul}
 
 
 def _matmul(x, qweight, scales, zeros, bias, n: int, k: int, g: int) -> torch.Tensor:
@@ -92,8 +98,7 @@ def _matmul(x, qweight, scales, zeros, bias, n: int, k: int, g: int) -> torch.Te
     if m == 0 or n == 0:
         return torch.empty((*lead, n), device=x.device, dtype=x.dtype)
     plan = plan_linear(m, n, k, g, num_sms(x.device))
-    launch = w4a16_gemv if plan.kernel == "gemv" else w4a16_gemm
-    out = launch(
+    out = _LAUNCHERS[plan.kernel](
         x2,
         qweight.contiguous(),
         scales.contiguous(),

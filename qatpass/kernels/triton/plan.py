@@ -136,10 +136,30 @@ def plan_gemm(
     return GemmPlan(bm, bn, bk, warps, stages, split_k, (cdiv(m, bm), cdiv(n, bn), split_k))
 
 
-def plan_linear(m: int, n: int, k: int, group_size: int, sms: int) -> GemvPlan | GemmPlan:
+@dataclass(frozen=True)
+class DequantPlan:
+    """Large M: dequantize the weight once (tiles BLOCK_N x BLOCK_K), then torch's matmul."""
+
+    block_n: int = 32
+    block_k: int = 128
+    kernel: str = "dequant_matmul"
+
+
+# Rows from which w4a16_matmul dequantizes the weight once and calls cuBLAS. Static estimate
+# (no GPU timing yet): the extra ~4.5 bytes per weight cost, for 4096 x 4096, ~16 us at HBM
+# rate, against ~50 us of bf16 matmul at M = 2048, while the fused GEMM's in-loop dequant
+# keeps it at 0.6-1.7x cuBLAS (issue 14); benchmarks/cuda_linear.py measures the crossover.
+DEQUANT_MATMUL_MIN_M = 2048
+
+
+def plan_linear(
+    m: int, n: int, k: int, group_size: int, sms: int
+) -> GemvPlan | GemmPlan | DequantPlan:
     """What w4a16_matmul launches for x [M, K] and a weight [N, K] of this group size."""
     if m <= GEMV_MAX_M:
         return plan_gemv(m, n, k, group_size, sms)
+    if m >= DEQUANT_MATMUL_MIN_M:
+        return DequantPlan()
     return plan_gemm(m, n, k, group_size, sms)
 
 
