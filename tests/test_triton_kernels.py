@@ -147,6 +147,13 @@ def test_split_k_matches_and_is_deterministic(launcher, m, split_k):
     torch.testing.assert_close(run(), y, **EXACT)
 
 
+def test_splitk_reduce_grid_covers_the_sms():
+    from qatpass.kernels.triton.splitk_reduce import reduce_block
+
+    assert reduce_block(4096, 132) == 128  # a decode GEMV's outputs: 32 programs, not 4
+    assert reduce_block(16 * 4096, 132) == 256 and reduce_block(1 << 20, 132) == 1024
+
+
 def test_splitk_reduce_sums_in_order_and_casts():
     partials = torch.randn(3, 5, 7, device=DEVICE)
     bias = torch.randn(7, device=DEVICE)
