@@ -441,6 +441,9 @@ QUICK = [  # a representative subset (the CI test's): every kernel family and gr
     Case(16, 4096, 14336, 32, "bfloat16", True),
     Case(64, 4096, 4096, 128, "float16", False),
     Case(512, 14336, 4096, 32, "bfloat16", False),
+    Case(
+        2048, 4096, 4096, 128, "bfloat16", True
+    ),  # dequantize + cuBLAS (plan.DEQUANT_MATMUL_MIN_M)
 ]
 
 

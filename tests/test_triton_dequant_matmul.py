@@ -36,11 +36,12 @@ def _packed(shape, group_size, symmetric, scale_dtype=torch.bfloat16):
                          [(40, 192, 32, False), (33, 256, 128, True), (8, 64, 64, False)])  # fmt: skip
 def test_dequantize_weight_is_exactly_the_reference(dtype, n, k, group_size, symmetric):
     p, (qweight, scales, zeros) = _packed((n, k), group_size, symmetric)
-    w = dequant_matmul.dequantize_weight(
-        qweight, scales, zeros, group_size=group_size, dtype=dtype, plan=plan.DequantPlan()
-    )
-    assert w.dtype == dtype and w.shape == (n, k)
-    torch.testing.assert_close(w.cpu(), qatpass.dequantize(p, dtype=dtype), **EXACT)
+    for chosen in (plan.DequantPlan(), plan.plan_dequant(group_size)):  # gathered, per row
+        w = dequant_matmul.dequantize_weight(
+            qweight, scales, zeros, group_size=group_size, dtype=dtype, plan=chosen
+        )
+        assert w.dtype == dtype and w.shape == (n, k)
+        torch.testing.assert_close(w.cpu(), qatpass.dequantize(p, dtype=dtype), **EXACT)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

@@ -41,16 +41,21 @@ def w4a16_dequant_kernel(
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     rows = offs_n.to(tl.int64)[:, None]
     mask_b = (offs_n[:, None] < N) & (offs_b[None, :] < K // 2)
-    packed = tl.load(qbytes_ptr + rows * stride_qn + offs_b[None, :], mask=mask_b, other=0)
-    packed = packed.to(tl.int32)
+    ptrs = qbytes_ptr + rows * stride_qn + offs_b[None, :]
+    packed = tl.load(ptrs, mask=mask_b, other=0, eviction_policy="evict_first").to(tl.int32)
     nibbles = tl.join((packed & 0xF) | MAGIC_BITS, (packed >> 4) | MAGIC_BITS)
     biased = tl.reshape(nibbles, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    group = offs_k[None, :] // GROUP_SIZE
-    scales = tl.load(scales_ptr + rows * stride_sn + group, mask=mask, other=0.0)
+    if GROUP_SIZE % BLOCK_K == 0:  # the tile lies in one group: one scale (and zero) per row
+        group = (tl.program_id(1) * BLOCK_K) // GROUP_SIZE
+        mask_g = offs_n[:, None] < N
+    else:  # gathered per weight
+        group = offs_k[None, :] // GROUP_SIZE
+        mask_g = mask
+    scales = tl.load(scales_ptr + rows * stride_sn + group, mask=mask_g, other=0.0)
     offset = MAGIC_OFFSET
     if HAS_ZEROS:
-        zeros = tl.load(zeros_ptr + rows * stride_zn + group, mask=mask, other=0)
+        zeros = tl.load(zeros_ptr + rows * stride_zn + group, mask=mask_g, other=0)
         offset = MAGIC_OFFSET + zeros.to(tl.float32)
     w = (biased - offset) * scales.to(tl.float32)
     out = out_ptr + rows * K + offs_k[None, :]

@@ -145,6 +145,12 @@ class DequantPlan:
     kernel: str = "dequant_matmul"
 
 
+def plan_dequant(group_size: int) -> DequantPlan:
+    """BLOCK_K 128, or the group where a group of 32 or 64 is narrower (one scale per row per
+    tile instead of one gathered per weight)."""
+    return DequantPlan(block_k=group_size if group_size in (32, 64) else 128)
+
+
 # Rows from which w4a16_matmul dequantizes the weight once and calls cuBLAS. Static estimate
 # (no GPU timing yet): the extra ~4.5 bytes per weight cost, for 4096 x 4096, ~16 us at HBM
 # rate, against ~50 us of bf16 matmul at M = 2048, while the fused GEMM's in-loop dequant
@@ -159,7 +165,7 @@ def plan_linear(
     if m <= GEMV_MAX_M:
         return plan_gemv(m, n, k, group_size, sms)
     if m >= DEQUANT_MATMUL_MIN_M:
-        return DequantPlan()
+        return plan_dequant(group_size)
     return plan_gemm(m, n, k, group_size, sms)
 
 
