@@ -8,7 +8,8 @@ Inputs are the canonical packed format of `qatpass.scheme` (qweight int32 [N, K/
 registers right after the load, with the scheme's exact rounding: (code - zero) * scale rounded
 once to x.dtype, so results equal `x @ qatpass.dequantize(p, dtype=x.dtype).T` up to fp32
 summation order. Kernel families, one file each (kernel, launcher):
-- `gemv`: M = 1 (decode), CUDA cores, int32 word tiles, split-K sized from the real tile;
+- `gemv`: M = 1 (decode), int32 word tiles dequantized by packed 16-bit PTX into mma.sync
+  (tensor cores; CUDA cores for fp32 x or scales), split-K sized from the real tile;
 - `gemm`: M >= 2, tiled tensor-core `tl.dot`, split-K when the output tiles are few (small M);
 - `dequant_matmul`: large M (plan.DEQUANT_MATMUL_MIN_M), the weight dequantized once, cuBLAS;
 - `plan`: the launch plans (kernel, tile, split-K, grid) from the run-time shapes;

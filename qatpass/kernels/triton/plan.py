@@ -11,10 +11,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-# Rows up to which w4a16_matmul runs the GEMV (CUDA cores); above it, the tensor-core GEMM.
-# A GEMV spends about 3 instructions per weight on dequant and one FMA per weight per row, and
-# an H200 issues about 3.5 instructions per weight streamed at full HBM bandwidth: from two
-# rows on, the CUDA cores, not memory, would bound it.
+# Rows up to which w4a16_matmul runs the GEMV; above it, the tiled GEMM. The GEMV's tensor-core
+# path spends ~2 instructions per weight on dequant (plus 2 mma per word) for its one row of x;
+# its mma's B operand has 8 columns, so up to 8 rows of x could share the dequant (issue 14
+# item 3, not built: the kernel reads one row per program).
 GEMV_MAX_M = 1
 # CTAs per SM the GEMV configs reach (4 warps, <= 128 registers); the static report checks it.
 GEMV_OCCUPANCY = 4
