@@ -2,7 +2,7 @@
 
     python benchmarks/cuda_linear.py [--out results.json] [--quick]
 
-One command, about 5 minutes on an H200. For each weight shape N x K, batch M, group size and
+One command, about 6-7 minutes on an H200. For each weight shape N x K, batch M, group size and
 symmetric / asymmetric (zeros) weights it times `torch.ops.qatpass.w4a16_linear` (what
 `W4A16Linear` runs) with `triton.testing.do_bench_cudagraph` (device time of a CUDA-graph
 replay: no host overhead, L2 cleared between replays), next to bf16 `F.linear` (cuBLAS) and,
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672))  # (N, K)
-MS = (1, 16, 64, 512)
+MS = (1, 16, 64, 512, 2048)  # 2048: the dequantize + cuBLAS path (plan.DEQUANT_MATMUL_MIN_M)
 GROUPS = (32, 128)
 # Datasheet HBM bandwidth in bytes/s, by a substring of torch.cuda.get_device_name().
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12}

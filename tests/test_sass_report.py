@@ -1,4 +1,4 @@
-"""The static kernel report's CI gate: no spills, 128-bit weight loads, GEMV within its budget.
+"""The static kernel report's CI gate: no spills, 128-bit weight loads, GEMV within its budgets.
 
 Runs `benchmarks/sass_report.py --quick` (a representative subset of the benchmark cases: every
 kernel family and both group paths) in a fresh process without the Triton interpreter: the
@@ -58,16 +58,23 @@ def test_gemv_weight_loads_are_128_bit(report):
 
 
 def test_gemv_main_loop_within_budget(report):
-    """The budget is sass_report.GEMV_INSTR_PER_WEIGHT (see there: issue 14's target is 4)."""
+    """Issue 14's target: <= 4 instructions per weight in the GEMV main loop."""
     for r in _rows(report, "gemv"):
-        assert r["instr_per_weight"] <= 5.0, (r["instr_per_weight"], r["config"])
+        assert r["instr_per_weight"] <= 4.0, (r["instr_per_weight"], r["config"])
 
 
 def test_gemv_fills_the_gpu(report):
-    """>= 2 waves of CTAs at the occupancy the registers allow, and at least 16 KB of weights
-    in flight per SM (issue 14's target is 32 KB: 3 CTAs of 8 KB reach 24 KB)."""
+    """>= 2 waves of CTAs at the occupancy the registers allow, and >= 32 KB of weights in
+    flight per SM (issue 14's targets)."""
     for r in _rows(report, "gemv"):
-        assert r["waves"] >= 2 and r["kb_in_flight_per_sm"] >= 16, r
+        assert r["waves"] >= 2 and r["kb_in_flight_per_sm"] >= 32, r
+
+
+def test_gemv_runs_on_the_tensor_cores_with_the_layout_it_needs(report):
+    """The 16-bit GEMV issues mma.sync from inline PTX, whose result is only right when its
+    operands sit 4 lanes along K (gemv._mma_word): the compiled layout is checked."""
+    for r in _rows(report, "gemv"):
+        assert r["mma_lanes_along_k"] == [4], r
 
 
 def test_no_violation_anywhere(report):

@@ -147,6 +147,13 @@ def test_split_k_matches_and_is_deterministic(launcher, m, split_k):
     torch.testing.assert_close(run(), y, **EXACT)
 
 
+def test_splitk_reduce_grid_covers_the_sms():
+    from qatpass.kernels.triton.splitk_reduce import reduce_block
+
+    assert reduce_block(4096, 132) == 128  # a decode GEMV's outputs: 32 programs, not 4
+    assert reduce_block(16 * 4096, 132) == 256 and reduce_block(1 << 20, 132) == 1024
+
+
 def test_splitk_reduce_sums_in_order_and_casts():
     partials = torch.randn(3, 5, 7, device=DEVICE)
     bias = torch.randn(7, device=DEVICE)
@@ -211,6 +218,19 @@ def test_every_gemv_tile_is_correct(block_n, block_k, split_k):
     plan = gemv_tile_plan(1, n, k, block_n, block_k, split_k)
     y = gemv.w4a16_gemv(x, qweight, scales, zeros, group_size=32, plan=plan)
     _check_gemv(y, x, p)
+
+
+def test_gemv_activations_off_a_4_byte_boundary():
+    """x starting at an odd element (the tensor-core GEMV reads x as 32-bit pairs: the
+    launcher realigns it) gives the same result as an aligned copy."""
+    p, (qweight, scales, _) = _packed((N, 256), 32)
+    base = torch.randn(1, 257, dtype=torch.bfloat16, device=DEVICE)
+    x = base[:, 1:]
+    assert x.storage_offset() % 2 == 1
+    y = gemv.w4a16_gemv(x, qweight, scales, None, group_size=32)
+    ref = gemv.w4a16_gemv(x.clone(), qweight, scales, None, group_size=32)
+    torch.testing.assert_close(y, ref, **EXACT)
+    torch.testing.assert_close(y.float(), _reference(x, p), **ACCUM[torch.bfloat16])
 
 
 @pytest.mark.parametrize("m", [1, 20])
@@ -414,8 +434,8 @@ def test_grouped_refuses_bias_of_wrong_shape():
 @pytest.mark.parametrize(
     ("m", "n", "k", "group_size", "kernel", "block_m", "split_k"),
     [
-        (1, 4096, 4096, 32, "gemv", None, 8),
-        (1, 14336, 4096, 128, "gemv", None, 4),
+        (1, 4096, 4096, 32, "gemv", None, 32),
+        (1, 14336, 4096, 128, "gemv", None, 16),
         (16, 4096, 4096, 32, "gemm", 16, 8),
         (64, 4096, 4096, 128, "gemm", 64, 8),
         (512, 14336, 4096, 32, "gemm", 128, 1),
@@ -432,8 +452,23 @@ def test_plan_follows_the_real_shapes(m, n, k, group_size, kernel, block_m, spli
 
 
 def test_gemv_block_k_tiles_whole_groups():
-    assert [plan.gemv_block_k(4096, g) for g in (8, 32, 128, 4096)] == [512] * 4
+    """The tensor-core tile (BLOCK_K 128) wherever it tiles whole groups; else the widest
+    power of two that does."""
+    assert [plan.gemv_block_k(4096, g) for g in (8, 16, 32, 128, 4096)] == [512, 512, 128, 128, 128]
     assert plan.gemv_block_k(160, 160) == 32 and plan.gemv_block_k(96, 32) == 128
+    assert plan.gemv_block_k(64, 32) == 64
+
+
+@pytest.mark.parametrize(("n", "k"), [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_gemv_plan_fills_an_h200(n, k, group_size):
+    """Every benchmark shape at M = 1: the tensor-core tile, >= 2 waves of CTAs at
+    GEMV_OCCUPANCY (or one K step per split), every split with a K step, the splits covering K."""
+    chosen = plan.plan_gemv(1, n, k, group_size, 132)
+    assert (chosen.block_n, chosen.block_k) == (128, plan.GEMV_MMA_BLOCK_K)
+    ctas = chosen.grid[0] * chosen.grid[1] * chosen.grid[2]
+    assert ctas >= plan.GEMV_WAVES * plan.GEMV_OCCUPANCY * 132 or chosen.steps == 1
+    assert (chosen.split_k - 1) * chosen.steps < chosen.k_steps <= chosen.split_k * chosen.steps
 
 
 def test_grouped_pruning_keeps_block_k_within_the_group():
@@ -488,7 +523,8 @@ COMPILE_SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.autotuner import Autotuner
-    from qatpass.kernels.triton import gemm, gemv, grouped, splitk_reduce
+    from qatpass.kernels.triton import (dequant_matmul, gemm, gemv, grouped, grouped_gemm,
+                                        splitk_reduce)
 
     POINTERS = {
         "x_ptr": "*bf16", "qweight_ptr": "*i32", "qbytes_ptr": "*u8", "scales_ptr": "*bf16",
@@ -509,6 +545,12 @@ COMPILE_SCRIPT = textwrap.dedent(
     gemv_meta = {"EVEN_N": False, "UNROLL": 2, "BLOCK_N": 32, "BLOCK_K": 512}
     compile_for_sm90(gemv.w4a16_gemv_kernel,
                      {**common, "SPLIT_K": 1, "EVEN_K": True, **gemv_meta})
+    mma_meta = {**gemv_meta, "BLOCK_N": 128, "BLOCK_K": 128}  # the tensor-core GEMV
+    compile_for_sm90(gemv.w4a16_gemv_kernel, {**common, "SPLIT_K": 4, "EVEN_K": False, **mma_meta})
+    for x_dtype, s_dtype in (("*fp16", "*bf16"), ("*fp32", "*bf16"), ("*bf16", "*fp32")):
+        POINTERS.update(x_ptr=x_dtype, scales_ptr=s_dtype)  # the other GEMV paths at that tile
+        compile_for_sm90(gemv.w4a16_gemv_kernel, {**common, "SPLIT_K": 1, "EVEN_K": True, **mma_meta})
+    POINTERS.update(x_ptr="*bf16", scales_ptr="*bf16")
     compile_for_sm90(gemm.w4a16_gemm_kernel,
                      {**common, "SPLIT_K": 2, "EVEN_K": False, "DOT_FP32": False,
                       "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32})
@@ -516,6 +558,15 @@ COMPILE_SCRIPT = textwrap.dedent(
                      {**common, "GROUP_SIZE": 128, "SPLIT_K": 2, "EVEN_K": False, **gemv_meta})
     compile_for_sm90(grouped.w4a16_grouped_kernel, {**common, "EVEN_K": False},
                      grouped.GROUPED_CONFIGS[0])
+    POINTERS.update({f"{name}_ptr": "*i64" for name in ("order", "tile_expert", "tile_row0",
+                                                        "tile_row_end")})
+    for bm, bn, bk in ((16, 128, 32), (64, 128, 64)):
+        compile_for_sm90(grouped_gemm.w4a16_grouped_gemm_kernel,
+                         {**common, "EVEN_K": False, "DOT_FP32": False, "BLOCK_M": bm,
+                          "BLOCK_N": bn, "BLOCK_K": bk})
+    compile_for_sm90(dequant_matmul.w4a16_dequant_kernel,
+                     {"GROUP_SIZE": 128, "HAS_ZEROS": True, "INTERPRET": False,
+                      "BLOCK_N": 32, "BLOCK_K": 128})
     compile_for_sm90(splitk_reduce.splitk_reduce_kernel,
                      {"SPLIT_K": 4, "HAS_BIAS": True, "INTERPRET": False, "BLOCK": 1024})
     print("compiled")
@@ -552,8 +603,9 @@ def _launched(fn, *args) -> list[tuple[str, dict]]:
 
 @pytest.mark.parametrize("how", ["make_fx", "torch.compile"])
 def test_graph_traced_at_m16_plans_from_the_real_m(how):
-    """A graph traced with M = 16 (dynamic) launches the large-M GEMM tile at M = 512 and the
-    GEMV at M = 1: the plan is made in the op body at run time, not from the trace's hint."""
+    """A graph traced with M = 16 (dynamic) launches the dequantize + cuBLAS path at
+    DEQUANT_MATMUL_MIN_M, the large-M GEMM tile at M = 512 and the GEMV at M = 1: the plan is
+    made in the op body at run time, not from the trace's hint."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     _, (qweight, scales, zeros) = _packed((256, 512), 32)
@@ -568,9 +620,11 @@ def test_graph_traced_at_m16_plans_from_the_real_m(how):
     else:
         graph = torch.compile(f, backend="aot_eager", dynamic=True, fullgraph=True)
         graph(x16, qweight, scales)
-    for m, kernel, block_m in ((512, "w4a16_gemm_kernel", 128), (16, "w4a16_gemm_kernel", 16),
+    for m, kernel, block_m in ((plan.DEQUANT_MATMUL_MIN_M, "w4a16_dequant_kernel", None),
+                               (512, "w4a16_gemm_kernel", 128), (16, "w4a16_gemm_kernel", 16),
                                (1, "w4a16_gemv_kernel", None)):  # fmt: skip
         x = torch.randn(m, 512, dtype=torch.bfloat16, device=DEVICE)
         (name, meta), *_ = _launched(graph, x, qweight, scales)
         assert name == kernel and meta.get("BLOCK_M") == block_m, (m, name, meta.get("BLOCK_M"))
-        assert meta["x_ptr"].shape[0] == m
+        if "x_ptr" in meta:
+            assert meta["x_ptr"].shape[0] == m

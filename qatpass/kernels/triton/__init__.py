@@ -8,11 +8,15 @@ Inputs are the canonical packed format of `qatpass.scheme` (qweight int32 [N, K/
 registers right after the load, with the scheme's exact rounding: (code - zero) * scale rounded
 once to x.dtype, so results equal `x @ qatpass.dequantize(p, dtype=x.dtype).T` up to fp32
 summation order. Kernel families, one file each (kernel, launcher):
-- `gemv`: M = 1 (decode), CUDA cores, int32 word tiles, split-K sized from the real tile;
+- `gemv`: M = 1 (decode), int32 word tiles dequantized by packed 16-bit PTX into mma.sync
+  (tensor cores; CUDA cores for fp32 x or scales), split-K sized from the real tile;
 - `gemm`: M >= 2, tiled tensor-core `tl.dot`, split-K when the output tiles are few (small M);
+- `dequant_matmul`: large M (plan.DEQUANT_MATMUL_MIN_M), the weight dequantized once, cuBLAS;
 - `plan`: the launch plans (kernel, tile, split-K, grid) from the run-time shapes;
 - `splitk_reduce`: the deterministic second stage of split-K (fixed order, bias, cast);
-- `grouped`: per-row expert weights (MoE batched_mm form).
+- `grouped`: per-row expert weights (MoE batched_mm form, decode);
+- `grouped_gemm`: MoE prefill, rows sorted by expert, tensor-core tiles per expert (the plan
+  picks it from the number of routed rows: `plan.plan_grouped`).
 
 Launching (`common.launch`): `kernel[grid](**kwargs)`, through `wrap_triton` while tracing (the
 launchers themselves stay traceable); on CPU tensors the kernels run under TRITON_INTERPRET=1
@@ -36,10 +40,12 @@ from __future__ import annotations
 import torch
 
 from qatpass.kernels.triton.common import check_device, check_packed, num_sms
+from qatpass.kernels.triton.dequant_matmul import w4a16_dequant_matmul
 from qatpass.kernels.triton.gemm import w4a16_gemm
 from qatpass.kernels.triton.gemv import w4a16_gemv
 from qatpass.kernels.triton.grouped import w4a16_grouped
-from qatpass.kernels.triton.plan import GEMV_MAX_M, plan_linear
+from qatpass.kernels.triton.grouped_gemm import w4a16_grouped_gemm
+from qatpass.kernels.triton.plan import GEMV_MAX_M, plan_grouped, plan_linear
 from qatpass.packed_args import check_grouped_args, check_packed_args
 
 __all__ = ["GEMV_MAX_M", "plan_linear", "w4a16_grouped_matmul", "w4a16_matmul"]
@@ -72,11 +78,15 @@ def w4a16_matmul(
     zeros int8 [N, K/G] or None, bias [N] or None. Returns [..., N] in x.dtype.
 
     group_size -1 means one group per row (per channel). The kernel, tile and split-K follow
-    `plan_linear` on the run-time M (GEMV up to GEMV_MAX_M rows, GEMM above)."""
+    `plan_linear` on the run-time M (GEMV up to GEMV_MAX_M rows, GEMM above, dequantize +
+    cuBLAS from DEQUANT_MATMUL_MIN_M)."""
     if _traced(x):
         return torch.ops.qatpass.w4a16_matmul_triton(x, qweight, scales, zeros, bias, group_size)
     n, k, g = check_packed(x, qweight, scales, zeros, bias, group_size, experts=False)
     return _matmul(x, qweight, scales, zeros, bias, n, k, g)
+
+
+_LAUNCHERS = {"gemv": w4a16_gemv, "gemm": w4a16_gemm, "dequant_matmul": w4a16_dequant_matmul}
 
 
 def _matmul(x, qweight, scales, zeros, bias, n: int, k: int, g: int) -> torch.Tensor:
@@ -89,8 +99,7 @@ def _matmul(x, qweight, scales, zeros, bias, n: int, k: int, g: int) -> torch.Te
     if m == 0 or n == 0:
         return torch.empty((*lead, n), device=x.device, dtype=x.dtype)
     plan = plan_linear(m, n, k, g, num_sms(x.device))
-    launch = w4a16_gemv if plan.kernel == "gemv" else w4a16_gemm
-    out = launch(
+    out = _LAUNCHERS[plan.kernel](
         x2,
         qweight.contiguous(),
         scales.contiguous(),
@@ -140,15 +149,12 @@ def _grouped(x, qweight, scales, zeros, bias, expert_ids, n: int, g: int) -> tor
             )
     if t == 0 or n == 0:
         return torch.empty((t, n), device=x.device, dtype=x.dtype)
-    return w4a16_grouped(
-        x,
-        qweight.contiguous(),
-        scales.contiguous(),
-        _contiguous(zeros),
-        expert_ids=expert_ids.contiguous(),
-        group_size=g,
-        bias=_contiguous(bias),
-    )
+    plan = plan_grouped(t, n, x.shape[1], g, num_experts)
+    args = (x, qweight.contiguous(), scales.contiguous(), _contiguous(zeros))
+    kwargs = dict(expert_ids=expert_ids.contiguous(), group_size=g, bias=_contiguous(bias))
+    if plan.kernel == "grouped_gemm":
+        return w4a16_grouped_gemm(*args, **kwargs, plan=plan)
+    return w4a16_grouped(*args, **kwargs)
 
 
 # --- the opaque ops that traced graphs call: planned and launched at run time ---------------

@@ -1,26 +1,38 @@
-"""W4A16 GEMV for decode: CUDA cores, one row of x per program row, split along K.
+"""W4A16 GEMV for decode: one row of x per program row, split along K.
 
 Each program owns BLOCK_N weight rows and a run of STEPS K steps of BLOCK_K. Per step it loads
 the weight tile as int32 words [BLOCK_N, BLOCK_K/8] (four words, 128 bits, per thread,
 evict-first: weights are read once), the scales (and zeros) of the groups in the tile, and x;
 the next step's tiles are loaded before this step's math (prefetch in registers).
 
-Dequantisation, per weight: nibble j of a word sits at bits 4j..4j+3. Planes 4..7 are shifted
-down by 16 (one shift per word); then for j' = j % 4, OR-ing the masked nibble into the fp32
-2**23 gives f = 2**23 + nib * 2**(4j') exactly, and one FMA f * 2**(-4j') - (2**(23-4j') + 8
-+ zero) gives the code (nib - 8 - zero) exactly (the exact result is a small integer, so the
-single rounding is none). A second FMA accumulates code * x: one LOP3 and two FMAs per weight.
+Three inner paths, chosen by constexprs:
 
-Numerics: code (|code| <= 15) times a bf16/fp16 x has at most 5 + 11 significant bits, so every
-product is exact in fp32; the eight products of a word are summed in fp32, multiplied by the
-group's scale once, and accumulated in fp32. That is the exact dot product of x with the exact
-dequantised weight (code - zero) * scale up to fp32 summation order, as qatpass's CPU kernel
-computes it. `qatpass.dequantize(p, dtype=x.dtype)` rounds each weight to x.dtype first; this
-kernel skips that rounding (its product code * scale is exact in fp32, so rounding it to bf16 is
-the same as the fp32-then-cast of the reference: the two differ only by that one rounding per
-weight, relative 2**-9 for bf16, never by a double rounding). For fp32 activations, and fp16
-activations of symmetric weights with bf16 scales (code * scale fits fp16's 11 bits), the
-reference's rounding is the identity and the results agree up to summation order alone.
+- Tensor cores (16-bit x with scales exact in x's dtype, BLOCK_K = 128, on GPU: `_mma_word`).
+  Per word of 8 weights: the packed dequant (`_dequant_asm`: 4 LOP3 + 3 shifts put nibble
+  pairs (j, j + 4) under the 16-bit magic 128 / 1024, 4 packed subtractions of 136 + zero give
+  the exact codes, 4 packed multiplies by the scale the weights, each rounded once) and two
+  mma.sync m16n8k16 with fp32 accumulation whose B operand is x's matching pairs: no unpack to
+  fp32 and no per-weight FMA (3.2-3.6 instructions per weight in the main loop, static).
+- CUDA cores, 16-bit x (fp32 scales; and the interpreter): `_dequant_rounded` gives the same
+  rounded weights in fp32, one FMA each.
+- CUDA cores, fp32 x: exact codes by the fp32 magic (`_word_dot`), the scale once per group.
+
+Numerics. `qatpass.dequantize(p, dtype=x.dtype)` computes w = (code - zero) * scale in fp32
+and rounds it to x.dtype (bf16/fp16). The code is a small integer (|code - zero| <= 15, 5
+bits) and the scale a 16-bit float (8 / 11 significant bits), so the product is exact in fp32
+and its single rounding to x.dtype is exactly what the packed 16-bit multiply (mul.rn.bf16x2 /
+f16x2) returns: a bf16 product of a small integer code and a bf16 scale rounds exactly like
+fp32-then-cast (no double rounding). The subtraction (128 + nib) - (136 + zero) is exact (small
+integers). That needs the scale exactly in x's dtype: bf16 scales for bf16 x; bf16 or fp16
+scales for fp16 x (a bf16 scale converts to fp16 exactly for |scale| >= 2**-17; below that, an
+fp16 subnormal, a weight can differ by one fp16 subnormal step, 2**-24); fp32 scales take the
+fp32-then-cast path. Each product w * x of two 16-bit floats is exact in fp32 (at most 22
+significant bits), on the tensor cores as on the CUDA cores, so the result is the reference's
+sum of exact products; only the fp32 summation differs: its order, and on the tensor cores the
+accumulator's internal alignment (products and partial sums added with truncation rather than
+round-to-nearest), an error of the same size as a different fp32 summation order. For fp32
+activations the kernel skips the reference's rounding of w to x.dtype, which is the identity
+there. Zero points must lie in the scheme's code range [-8, 7] (136 + zero is a 16-bit integer).
 
 Split-K writes fp32 partials that `splitk_reduce` sums in a fixed order (deterministic); the
 launch plan (`plan.plan_gemv`) sizes the tile, the split and the grid from the real shapes.
@@ -123,14 +135,8 @@ def _dequant_rounded(words, scales, zeros, HAS_ZEROS: tl.constexpr, DTYPE: tl.co
             code = ((words >> (4 * j)) & 0xF).to(tl.float32) - 8.0 - zf
             out = out + (cast_rne(code * s, DTYPE, INTERPRET).to(tl.float32),)
         return out
+    s2, c2 = _packed_consts(words, scales, zeros, HAS_ZEROS, DTYPE)
     if DTYPE == tl.bfloat16:
-        s16 = scales.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        magic: tl.constexpr = 0x43004300
-        c16 = 0x4308  # bf16 bits of 136 + zero: 128 + m has bits 0x4300 + m for m < 128
-        if HAS_ZEROS:
-            c16 = zeros.to(tl.int32) + 0x4308
-        sub: tl.constexpr = "sub.rn.bf16x2"
-        mul: tl.constexpr = "mul.rn.bf16x2"
         unpack: tl.constexpr = (
             "shl.b32 $0, t0, 16; and.b32 $4, t0, 0xffff0000;"
             "shl.b32 $1, t1, 16; and.b32 $5, t1, 0xffff0000;"
@@ -138,34 +144,127 @@ def _dequant_rounded(words, scales, zeros, HAS_ZEROS: tl.constexpr, DTYPE: tl.co
             "shl.b32 $3, t3, 16; and.b32 $7, t3, 0xffff0000;"
         )
     else:
-        s16 = scales.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        magic: tl.constexpr = 0x64006400
-        c16 = 0x6408  # fp16 bits of 1032 + zero: 1024 + m has bits 0x6400 + m for m < 1024
-        if HAS_ZEROS:
-            c16 = zeros.to(tl.int32) + 0x6408
-        sub: tl.constexpr = "sub.rn.f16x2"
-        mul: tl.constexpr = "mul.rn.f16x2"
         unpack: tl.constexpr = (
             "mov.b32 {h0, h1}, t0; cvt.f32.f16 $0, h0; cvt.f32.f16 $4, h1;"
             "mov.b32 {h0, h1}, t1; cvt.f32.f16 $1, h0; cvt.f32.f16 $5, h1;"
             "mov.b32 {h0, h1}, t2; cvt.f32.f16 $2, h0; cvt.f32.f16 $6, h1;"
             "mov.b32 {h0, h1}, t3; cvt.f32.f16 $3, h0; cvt.f32.f16 $7, h1;"
         )
-    s2 = tl.broadcast_to(s16 * 0x10001, words.shape)  # the 16 bits in both halves
-    c2 = tl.broadcast_to(c16 * 0x10001 + tl.zeros_like(s16), words.shape)
     asm: tl.constexpr = (
         "{ .reg .b32 t0, t1, t2, t3, u; .reg .b16 h0, h1;"
-        f"lop3.b32 t0, $8, 0x000F000F, {magic}, 0xea;"
-        f"shr.u32 u, $8, 4; lop3.b32 t1, u, 0x000F000F, {magic}, 0xea;"
-        f"shr.u32 u, $8, 8; lop3.b32 t2, u, 0x000F000F, {magic}, 0xea;"
-        f"shr.u32 u, $8, 12; lop3.b32 t3, u, 0x000F000F, {magic}, 0xea;"
-        f"{sub} t0, t0, $10; {sub} t1, t1, $10; {sub} t2, t2, $10; {sub} t3, t3, $10;"
-        f"{mul} t0, t0, $9; {mul} t1, t1, $9; {mul} t2, t2, $9; {mul} t3, t3, $9;"
-        f"{unpack} }}"
+        + _dequant_asm(DTYPE, 8, 9, 10)
+        + f"{unpack} }}"
     )
     return tl.inline_asm_elementwise(
         asm, "=f,=f,=f,=f,=f,=f,=f,=f,r,r,r", [words, s2, c2], dtype=(tl.float32,) * 8,
         is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.constexpr_function
+def _dequant_asm(dtype, word: int, scale: int, offset: int) -> str:
+    """PTX turning int32 operand $word into t0..t3, the weights (nibble j, nibble j + 4) of
+    t_j as exact 16-bit floats (code - zero) * scale rounded once to `dtype` (see
+    _dequant_rounded): 4 LOP3 + 3 shifts, 4 packed subtractions of the offset pair $offset,
+    4 packed multiplies by the scale pair $scale. Needs .b32 t0..t3 and u declared."""
+    bf16 = dtype == tl.bfloat16
+    magic = "0x43004300" if bf16 else "0x64006400"
+    ty = "bf16x2" if bf16 else "f16x2"
+    return (
+        f"lop3.b32 t0, ${word}, 0x000F000F, {magic}, 0xea;"
+        f"shr.u32 u, ${word}, 4; lop3.b32 t1, u, 0x000F000F, {magic}, 0xea;"
+        f"shr.u32 u, ${word}, 8; lop3.b32 t2, u, 0x000F000F, {magic}, 0xea;"
+        f"shr.u32 u, ${word}, 12; lop3.b32 t3, u, 0x000F000F, {magic}, 0xea;"
+        + "".join(f"sub.rn.{ty} t{j}, t{j}, ${offset};" for j in range(4))
+        + "".join(f"mul.rn.{ty} t{j}, t{j}, ${scale};" for j in range(4))
+    )
+
+
+@triton.jit
+def _packed_consts(words, scales, zeros, HAS_ZEROS: tl.constexpr, DTYPE: tl.constexpr):
+    """(scale, 136 + zero) as 16-bit floats in both halves of an int32, shaped like words:
+    the operands of the packed dequant. bf16: 128 + m has bits 0x4300 + m for m < 128; fp16:
+    1024 + m has bits 0x6400 + m (offset 1032 + zero)."""
+    if DTYPE == tl.bfloat16:
+        s16 = scales.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        c16 = 0x4308
+        if HAS_ZEROS:
+            c16 = zeros.to(tl.int32) + 0x4308
+    else:
+        s16 = scales.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        c16 = 0x6408
+        if HAS_ZEROS:
+            c16 = zeros.to(tl.int32) + 0x6408
+    s2 = tl.broadcast_to(s16 * 0x10001, words.shape)  # the 16 bits in both halves
+    c2 = tl.broadcast_to(c16 * 0x10001 + tl.zeros_like(s16), words.shape)
+    return s2, c2
+
+
+@triton.jit
+def _prmt(a, b, SELECT: tl.constexpr):
+    """PRMT: bytes of {b, a} picked by the selector's nibbles (0x5410: the low halves of a
+    and b, 0x7632: their high halves)."""
+    return tl.inline_asm_elementwise(
+        f"prmt.b32 $0, $1, $2, {SELECT};", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True,
+        pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _x_pairs(x_row, step, K, NG: tl.constexpr, WG: tl.constexpr, BLOCK_K: tl.constexpr,
+             EVEN_K: tl.constexpr):  # fmt: skip
+    """x at step `step`'s words w as 16-bit pairs (x[8w + j], x[8w + j + 4]) in int32, j = 0..3
+    (the B operands of _mma_word), each [1, NG, WG]: four 32-bit loads of x's bits per word
+    (x 4-byte aligned: the launcher sees to it) and one PRMT per pair; 0 outside K."""
+    x32 = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + step * (BLOCK_K // 2)
+    w = (tl.arange(0, NG)[:, None] * WG + tl.arange(0, WG)[None, :])[None, :, :]
+    ptrs = x32 + 4 * w
+    if EVEN_K:
+        a0 = tl.load(ptrs)
+        a1 = tl.load(ptrs + 1)
+        a2 = tl.load(ptrs + 2)
+        a3 = tl.load(ptrs + 3)
+    else:
+        live = w < K // 8 - step * (BLOCK_K // 8)  # K is a multiple of 8 (whole words)
+        a0 = tl.load(ptrs, mask=live, other=0)
+        a1 = tl.load(ptrs + 1, mask=live, other=0)
+        a2 = tl.load(ptrs + 2, mask=live, other=0)
+        a3 = tl.load(ptrs + 3, mask=live, other=0)
+    return (
+        _prmt(a0, a2, 0x5410),
+        _prmt(a0, a2, 0x7632),
+        _prmt(a1, a3, 0x5410),
+        _prmt(a1, a3, 0x7632),
+    )
+
+
+@triton.jit
+def _mma_word(words, s2, c2, xp0, xp1, xp2, xp3, acc, DTYPE: tl.constexpr):
+    """acc + (the quad's dot of its words with x), on the tensor cores: per word, the packed
+    dequant (_dequant_asm) and two mma.sync m16n8k16 with fp32 accumulation.
+
+    In the mma, lane 4g + t holds A rows g (registers 0, 2) and g + 8 (1, 3: zero here) and
+    B column g (x); D[g, n] = sum over t' of lane (4g + t')'s A . lane (4n + t')'s B. The
+    weight tile's layout (BLOCK_K = 128: 16 words a row, 4 per lane, so 4 lanes along K and
+    8 rows per warp) puts lanes 4g..4g+3 on one weight row and gives lanes of the same t' the
+    same K columns; x is the same for every row, so every D[g, n] is row g's dot with x over
+    the quad's words: each of the 4 lanes of a quad holds it (the caller divides by 4). The
+    static report checks that layout on the compiled kernel (benchmarks/sass_report.py).
+    A register pairs weights (j, j + 4) of a word: t0 | t1 go with x pairs xp0 | xp1, then
+    t2 | t3 with xp2 | xp3."""
+    ty: tl.constexpr = "bf16" if DTYPE == tl.bfloat16 else "f16"
+    mma: tl.constexpr = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32"
+    asm: tl.constexpr = (
+        "{ .reg .b32 t0, t1, t2, t3, u, z; .reg .f32 p, q1, q2, q3, zf;"
+        "mov.b32 z, 0; mov.f32 zf, 0f00000000;"
+        + _dequant_asm(DTYPE, 1, 2, 3)
+        + f"{mma} {{p, q1, q2, q3}}, {{t0, z, t1, z}}, {{$4, $5}}, {{$8, $8, zf, zf}};"
+        + f"{mma} {{$0, q1, q2, q3}}, {{t2, z, t3, z}}, {{$6, $7}}, {{p, q1, q2, q3}};"
+        + "}"
+    )
+    return tl.inline_asm_elementwise(
+        asm, "=f,r,r,r,r,r,r,r,f", [words, s2, c2, xp0, xp1, xp2, xp3, acc],
+        dtype=tl.float32, is_pure=True, pack=1,
     )  # fmt: skip
 
 
@@ -233,7 +332,9 @@ def w4a16_gemv_kernel(
     PACKED: tl.constexpr = (S_TY == x_ptr.dtype.element_ty) or (
         x_ptr.dtype.element_ty == tl.float16 and S_TY == tl.bfloat16
     )
-    CH: tl.constexpr = 4 if WG % 4 == 0 else 1  # words per thread summed before the scale
+    # tensor cores (_mma_word): 16-bit x and scales, 16 words a row (4 lanes along K)
+    MMA: tl.constexpr = ROUNDED and PACKED and not INTERPRET and BLOCK_K == 128
+    CH: tl.constexpr = 4 if WG % 4 == 0 and not MMA else 1  # words summed before the scale
     acc = tl.zeros((BLOCK_N, NG, WG // CH), dtype=tl.float32)
     # weights of step kb; in the loop, step + 1's are loaded before step's math (prefetch).
     # Past the last step the prefetch is predicated off (its address stays in bounds).
@@ -246,9 +347,15 @@ def w4a16_gemv_kernel(
         wn = _load_words(w_rows, offs_w, nxt, step < last, mask_n, K, EVEN_K, EVEN_N, BLOCK_K)
         scales, zeros, x = _load_side(s_rows, z_rows, x_row, offs_g, offs_x, step, mask_n, K,
                                       GROUP_SIZE, HAS_ZEROS, EVEN_K, EVEN_N, BLOCK_K, NG)  # fmt: skip
-        xs = _planes(x.to(tl.float32), BKW, NG, WG)
         words = tl.reshape(words, (BLOCK_N, NG, WG))
-        if ROUNDED:
+        if MMA:
+            xp0, xp1, xp2, xp3 = _x_pairs(x_row, step, K, NG, WG, BLOCK_K, EVEN_K)
+            zz = zeros[:, :, None] if HAS_ZEROS else zeros
+            s2, c2 = _packed_consts(words, scales[:, :, None], zz, HAS_ZEROS,
+                                    x_ptr.dtype.element_ty)  # fmt: skip
+            acc = _mma_word(words, s2, c2, xp0, xp1, xp2, xp3, acc, x_ptr.dtype.element_ty)
+        elif ROUNDED:
+            xs = _planes(x.to(tl.float32), BKW, NG, WG)
             x0, x1, x2, x3, x4, x5, x6, x7 = xs
             zz = zeros[:, :, None] if HAS_ZEROS else zeros
             w0, w1, w2, w3, w4, w5, w6, w7 = _dequant_rounded(
@@ -265,12 +372,14 @@ def w4a16_gemv_kernel(
             part += w7 * x7
             acc += tl.sum(tl.reshape(part, (BLOCK_N, NG, WG // CH, CH)), axis=3)
         elif HAS_ZEROS:
+            xs = _planes(x.to(tl.float32), BKW, NG, WG)
             zf = zeros.to(tl.float32)[:, :, None] + 8.0
             part = _word_dot(
                 words, xs,
                 zf + 8388608.0, zf + 524288.0, zf + 32768.0, zf + 2048.0, INTERPRET,
             )  # fmt: skip
         else:
+            xs = _planes(x.to(tl.float32), BKW, NG, WG)
             part = _word_dot(
                 words, xs,
                 8388616.0, 524296.0, 32776.0, 2056.0, INTERPRET,
@@ -280,6 +389,8 @@ def w4a16_gemv_kernel(
             acc += part * scales.to(tl.float32)[:, :, None]
 
     out_row = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if MMA:
+        out_row = out_row * 0.25  # the 4 lanes of a quad each hold the quad's sum (exact)
     if SPLIT_K == 1:
         if HAS_BIAS:
             out_row += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -354,6 +465,9 @@ def w4a16_gemv(
     if plan is None:
         plan = plan_gemv(m, n, k, group_size, num_sms(x.device), split_k)
     split_k = plan.split_k
+    if x.element_size() == 2 and (x.storage_offset() % 2 or x.stride(0) % 2):
+        # the tensor-core path reads x as 32-bit pairs (_x_pairs): 4-byte aligned rows
+        x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
     out, stride_os = splitk_output(x, m, n, split_k)
     launch(
         w4a16_gemv_kernel,

@@ -11,15 +11,17 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-# Rows up to which w4a16_matmul runs the GEMV (CUDA cores); above it, the tensor-core GEMM.
-# A GEMV spends about 3 instructions per weight on dequant and one FMA per weight per row, and
-# an H200 issues about 3.5 instructions per weight streamed at full HBM bandwidth: from two
-# rows on, the CUDA cores, not memory, would bound it.
+# Rows up to which w4a16_matmul runs the GEMV; above it, the tiled GEMM. The GEMV's tensor-core
+# path spends ~2 instructions per weight on dequant (plus 2 mma per word) for its one row of x;
+# its mma's B operand has 8 columns, so up to 8 rows of x could share the dequant (issue 14
+# item 3, not built: the kernel reads one row per program).
 GEMV_MAX_M = 1
 # CTAs per SM the GEMV configs reach (4 warps, <= 128 registers); the static report checks it.
 GEMV_OCCUPANCY = 4
 GEMV_WAVES = 2
 GEMV_MAX_BLOCK_K = 512
+# BLOCK_K of the tensor-core GEMV (gemv._mma_word relies on its layout: 16 words a row)
+GEMV_MMA_BLOCK_K = 128
 GEMV_ROWS_PER_THREAD = 4
 GEMV_WARPS = 4
 
@@ -47,8 +49,13 @@ class GemvPlan:
 
 
 def gemv_block_k(k: int, group_size: int) -> int:
-    """The largest power-of-two BLOCK_K <= 512 that tiles whole groups or lies in one (so each
-    step reads whole scales), no wider than K needs; at least 32 (four words per thread)."""
+    """GEMV_MMA_BLOCK_K where K has a step of it and it tiles whole groups or lies in one (the
+    tensor-core GEMV's tile: 16 words a row, 4 lanes along K); otherwise the largest
+    power-of-two BLOCK_K <= 512 that does (each step reads whole scales), no wider than K
+    needs; at least 32 (four words per thread)."""
+    mma = GEMV_MMA_BLOCK_K
+    if k >= mma and (group_size % mma == 0 or (mma % group_size == 0 and group_size >= 32)):
+        return mma
     cap = max(32, min(GEMV_MAX_BLOCK_K, next_power_of_2(k)))
     bk = cap
     while bk > 32 and group_size % bk and bk % group_size:
@@ -129,8 +136,69 @@ def plan_gemm(
     return GemmPlan(bm, bn, bk, warps, stages, split_k, (cdiv(m, bm), cdiv(n, bn), split_k))
 
 
-def plan_linear(m: int, n: int, k: int, group_size: int, sms: int) -> GemvPlan | GemmPlan:
+@dataclass(frozen=True)
+class DequantPlan:
+    """Large M: dequantize the weight once (tiles BLOCK_N x BLOCK_K), then torch's matmul."""
+
+    block_n: int = 32
+    block_k: int = 128
+    kernel: str = "dequant_matmul"
+
+
+def plan_dequant(group_size: int) -> DequantPlan:
+    """BLOCK_K 128, or the group where a group of 32 or 64 is narrower (one scale per row per
+    tile instead of one gathered per weight)."""
+    return DequantPlan(block_k=group_size if group_size in (32, 64) else 128)
+
+
+# Rows from which w4a16_matmul dequantizes the weight once and calls cuBLAS. Static estimate
+# (no GPU timing yet): the extra ~4.5 bytes per weight cost, for 4096 x 4096, ~16 us at HBM
+# rate, against ~50 us of bf16 matmul at M = 2048, while the fused GEMM's in-loop dequant
+# keeps it at 0.6-1.7x cuBLAS (issue 14); benchmarks/cuda_linear.py measures the crossover.
+DEQUANT_MATMUL_MIN_M = 2048
+
+
+def plan_linear(
+    m: int, n: int, k: int, group_size: int, sms: int
+) -> GemvPlan | GemmPlan | DequantPlan:
     """What w4a16_matmul launches for x [M, K] and a weight [N, K] of this group size."""
     if m <= GEMV_MAX_M:
         return plan_gemv(m, n, k, group_size, sms)
+    if m >= DEQUANT_MATMUL_MIN_M:
+        return plan_dequant(group_size)
     return plan_gemm(m, n, k, group_size, sms)
+
+
+@dataclass(frozen=True)
+class GroupedPlan:
+    """An MoE launch: the per-row kernel ("grouped", decode) or the sorted grouped GEMM
+    ("grouped_gemm", prefill: tiles BLOCK_M x BLOCK_N x BLOCK_K of one expert's rows)."""
+
+    kernel: str
+    block_m: int = 0
+    block_n: int = 0
+    block_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# Routed rows per expert (on average) from which the sorted grouped GEMM replaces the per-row
+# kernel: from there a BLOCK_M = 16 tile reads an expert's weights once for several rows
+# instead of once per row; and at least this many rows in all.
+GROUPED_GEMM_MIN_ROWS_PER_EXPERT = 4
+GROUPED_GEMM_MIN_ROWS = 16
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_grouped(t: int, n: int, k: int, group_size: int, experts: int) -> GroupedPlan:
+    """The per-row kernel for few routed rows; else the sorted grouped GEMM, BLOCK_M growing
+    with the rows per expert, BLOCK_K narrowed to lie within a group and to K."""
+    if t < max(GROUPED_GEMM_MIN_ROWS, GROUPED_GEMM_MIN_ROWS_PER_EXPERT * experts):
+        return GroupedPlan("grouped")
+    per_expert = cdiv(t, experts)
+    bm = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
+    bk = 64
+    while bk > 16 and (group_size % bk or bk > max(16, next_power_of_2(k))):
+        bk //= 2
+    bn = max(16, min(128, next_power_of_2(n)))
+    return GroupedPlan("grouped_gemm", bm, bn, bk, 4, 3)

@@ -10,9 +10,20 @@ import torch
 import triton
 import triton.language as tl
 
-from qatpass.kernels.triton.common import cast_rne, interpreting, launch
+from qatpass.kernels.triton.common import cast_rne, interpreting, launch, num_sms
 
 REDUCE_BLOCK = 1024
+REDUCE_MIN_BLOCK = 128
+
+
+def reduce_block(mn: int, sms: int) -> int:
+    """Elements per program: REDUCE_BLOCK, narrowed (to REDUCE_MIN_BLOCK) until the grid
+    covers the SMs (a decode GEMV's N = 4096 outputs would otherwise be 4 programs, each
+    reading SPLIT_K partials serially)."""
+    block = REDUCE_BLOCK
+    while block > REDUCE_MIN_BLOCK and -(-mn // block) < sms:
+        block //= 2
+    return block
 
 
 @triton.jit
@@ -56,9 +67,10 @@ def splitk_reduce(
     split_k, m, n = partials.shape
     out = torch.empty((m, n), device=partials.device, dtype=dtype)
     mn = m * n
+    block = reduce_block(mn, num_sms(partials.device))
     launch(
         splitk_reduce_kernel,
-        (-(-mn // REDUCE_BLOCK),),
+        (-(-mn // block),),
         dict(
             partials_ptr=partials,
             bias_ptr=bias,
@@ -68,7 +80,7 @@ def splitk_reduce(
             SPLIT_K=split_k,
             HAS_BIAS=bias is not None,
             INTERPRET=interpreting(),
-            BLOCK=REDUCE_BLOCK,
+            BLOCK=block,
             num_warps=4,
         ),
     )
