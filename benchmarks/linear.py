@@ -2,7 +2,7 @@
 
     python benchmarks/linear.py --out results/linear.json [--threads 1,2] [--group-sizes 32,128]
 
-For each weight shape (N, K) and batch M: median wall time (ms) of
+For each weight shape (N, K) and batch M: median and minimum wall time (ms) of
 - bf16:              F.linear(x, w) in bf16 (oneDNN)
 - qatpass:           `W4A16Linear` as `convert` builds it: qatpass's native AVX-512 kernel on the
                      canonical packed weight where it applies (`cpu_path` in the row), which
@@ -109,11 +109,12 @@ def rotating(fns: list[Callable[[torch.Tensor], object]]) -> Callable[[torch.Ten
     return lambda x: next(it)(x)
 
 
-def median_ms(fns: dict[str, Callable[[], object]], repeats: int, budget_s: float) -> dict:
-    """Median ms of each callable, timed round-robin (one call of each per round).
+def timed_ms(fns: dict[str, Callable[[], object]], repeats: int, budget_s: float) -> dict:
+    """{name: {"median", "min", "max"}} ms of each callable, timed round-robin.
 
-    Interleaving gives every variant the same share of a noisy machine's contention. After one
-    warmup call each, rounds run until `repeats` or budget_s (at least 3 rounds).
+    Interleaving gives every variant the same share of a noisy machine's contention; the minimum
+    is the figure least disturbed by other processes, max / min shows the noise. After one warmup
+    call each, rounds run until `repeats` or budget_s (at least 3 rounds).
     """
     for fn in fns.values():
         fn()
@@ -126,7 +127,10 @@ def median_ms(fns: dict[str, Callable[[], object]], repeats: int, budget_s: floa
             fn()
             times[name].append(time.perf_counter() - t0)
         rounds += 1
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    return {
+        name: {"median": statistics.median(ts) * 1e3, "min": min(ts) * 1e3, "max": max(ts) * 1e3}
+        for name, ts in times.items()
+    }
 
 
 def _torchao(linear: nn.Linear, kind: str, group_size: int) -> nn.Module:
@@ -251,10 +255,13 @@ def _shape_rows(
             row["qatpass_aten_max_abs_diff_vs_dequant_ref"] = float(
                 (run_aten(x).float() - ref).abs().max()
             )
-            row.update({f"{k}_ms": v for k, v in median_ms(fns, repeats, budget_s).items()})
+            for key, t in timed_ms(fns, repeats, budget_s).items():
+                row[f"{key}_ms"], row[f"{key}_min_ms"] = t["median"], t["min"]
+                row[f"{key}_max_over_min"] = t["max"] / t["min"]  # the noise of this row
         for key in ("qatpass", "qatpass_aten", "qatpass_fallback", "torchao_int4", "torchao_w8a8"):
             if row.get(f"{key}_ms"):
                 row[f"{key}_speedup_vs_bf16"] = row["bf16_ms"] / row[f"{key}_ms"]
+                row[f"{key}_speedup_vs_bf16_min"] = row["bf16_min_ms"] / row[f"{key}_min_ms"]
         row["qatpass_kernel"] = _kernel_at(fast.cpu_path, x)
         if m == 1 and read_bw_gbps:
             read_bw_gbps = max(read_bw_gbps, read_bw(torch.get_num_threads()))  # probe again
@@ -265,6 +272,9 @@ def _shape_rows(
                     gbps = nbytes / (row[f"{key}_ms"] * 1e-3) / 1e9
                     row[f"{key}_gbps"] = gbps
                     row[f"{key}_pct_of_read_bw"] = 100 * gbps / read_bw_gbps
+                    best = nbytes / (row[f"{key}_min_ms"] * 1e-3) / 1e9  # the fastest call
+                    row[f"{key}_gbps_best"] = best
+                    row[f"{key}_pct_of_read_bw_best"] = 100 * best / read_bw_gbps
         row["packed_bytes_over_bf16"] = packed.nbytes() / bf16_bytes
         row["resident_bytes_over_bf16"] = resident(fast) / bf16_bytes
         row["aten_resident_bytes_over_bf16"] = resident(aten) / bf16_bytes
@@ -285,20 +295,24 @@ def _kernel_at(cpu_path: str, x: torch.Tensor) -> str:
 
 
 def summary(row: dict) -> str:
-    """One readable line per row: bf16 and qatpass ms, x bf16, and at M=1 GB/s and % of the probe."""
+    """One readable line per row: bf16 and qatpass ms (median, min), x bf16 on each, the noise
+    (max / min), and at M=1 GB/s and % of the read-bandwidth probe (median, fastest call)."""
     text = (
         f"{row['N']}x{row['K']} g{row['group_size']} M={row['M']} {row['threads']}T: "
-        f"bf16 {row['bf16_ms']:.3f} ms"
+        f"bf16 {row['bf16_ms']:.3f} (min {row['bf16_min_ms']:.3f}) ms"
     )
     if row.get("qatpass_ms"):
         text += (
-            f" | qatpass [{row['qatpass_kernel']}] {row['qatpass_ms']:.3f} ms "
-            f"x{row['qatpass_speedup_vs_bf16']:.2f} bf16"
+            f" | qatpass [{row['qatpass_kernel']}] {row['qatpass_ms']:.3f} "
+            f"(min {row['qatpass_min_ms']:.3f}) ms x{row['qatpass_speedup_vs_bf16']:.2f} bf16 "
+            f"(min x{row['qatpass_speedup_vs_bf16_min']:.2f}) | max/min bf16 "
+            f"{row['bf16_max_over_min']:.2f} qatpass {row['qatpass_max_over_min']:.2f}"
         )
     if row.get("qatpass_gbps"):
         text += (
-            f" | {row['qatpass_gbps']:.1f} GB/s = {row['qatpass_pct_of_read_bw']:.0f}% of "
-            f"{row['read_bw_gbps']:.1f} GB/s read"
+            f" | {row['qatpass_gbps']:.1f} GB/s = {row['qatpass_pct_of_read_bw']:.0f}% "
+            f"(fastest {row['qatpass_gbps_best']:.1f} = {row['qatpass_pct_of_read_bw_best']:.0f}%)"
+            f" of {row['read_bw_gbps']:.1f} GB/s read"
         )
     return text
 
