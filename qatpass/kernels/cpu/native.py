@@ -168,7 +168,7 @@ def native_linear(
     """x2d [M, K] @ W.T (+ bias) -> [M, N] in x2d.dtype, on the native kernel at every M.
 
     Shapes, dtypes and devices are checked here; ValueError when `native_reason` refuses the
-    call. (`kernels.cpu.linear` picks between this and the GEMM on decoded panels per M.)
+    call. (`kernels.cpu.linear` picks between this and the GEMM on decoded strips per M.)
     """
     lib, why = _load()
     if lib is None:

@@ -453,7 +453,8 @@ static inline float load_scale(const void* scales, int64_t i, int kind) {
 //
 // The weight is decoded once per call, 16 rows x GKC k at a time, into bf16 pairs laid out for a
 // broadcast microkernel: strip[p][i] (32 bits) = (c[r0 + i][k0 + 2p], c[r0 + i][k0 + 2p + 1]),
-// c = code - zero, a small integer (exact in bf16), beside the 16 rows' fp32 scales per group.
+// c = code - zero, a small integer (exact in bf16); each block's scales (and zeros) are
+// transposed once per call to [group][16 rows] (block_tables).
 // Decode per 32 weights: one vpmultishiftqb puts each weight's nibble in the low bits of its
 // word (of the 16 rows' 64-byte lines transposed, lane i = row i), one vpermw looks up its bf16
 // value (asymmetric: the nibble less 8 + zero, as a 5-bit index into a signed table first).
