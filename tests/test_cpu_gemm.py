@@ -17,7 +17,10 @@ from qatpass.scheme import Int4Scheme, dequantize, quantize
 
 from conftest import needs_native
 
-pytestmark = needs_native
+pytestmark = [
+    needs_native,
+    pytest.mark.skipif(not gemm.gemm_supported(), reason="the CPU lacks AVX-512 VBMI"),
+]
 
 
 def _scheme(group_size, symmetric, scale_dtype=torch.bfloat16):
