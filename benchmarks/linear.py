@@ -2,10 +2,11 @@
 
     python benchmarks/linear.py --out results/linear.json [--threads 1,2] [--group-sizes 32,128]
 
-For each weight shape (N, K) and batch M: median wall time (ms) of
+For each weight shape (N, K) and batch M: median and minimum wall time (ms) of
 - bf16:              F.linear(x, w) in bf16 (oneDNN)
 - qatpass:           `W4A16Linear` as `convert` builds it: qatpass's native AVX-512 kernel on the
-                     canonical packed weight where it applies (`cpu_path` in the row)
+                     canonical packed weight where it applies (`cpu_path` in the row), which
+                     picks per M (`qatpass_kernel`: "native", or "gemm" on decoded strips)
 - qatpass_aten:      the same module built under `cpu_kernel.disabled()`: aten's int4 GEMM on a
                      one-time repack
 - qatpass_fallback:  the per-call dequantize + F.linear path, for comparison
@@ -23,10 +24,12 @@ in a 32 MB L3 between calls while its 33 MB bf16 twin would not). `--warm` uses 
 With CUDA it appends `run_cuda()` rows from benchmarks/cuda_linear.py.
 
 The limit: each thread count first measures the machine's streaming read bandwidth (`read_bw`:
-a 256 MiB fp32 array summed with torch, best of 5, recorded as `read_bw_gbps`), and every M=1
-row reports each variant's bytes streamed per second (`<variant>_gbps`: the packed bytes,
+a 256 MiB fp32 array summed with torch, best of 5) and probes again before every M=1 row (the
+best probe so far is `read_bw_gbps`: on a shared machine a low probe would flatter), and every
+M=1 row reports each variant's bytes streamed per second (`<variant>_gbps`: the packed bytes,
 qweight + scales (+ zeros), for qatpass; 2 bytes/weight for bf16) and that as a share of the
-probe (`<variant>_pct_of_read_bw`). llama.cpp's Q4_0 is not a column: `LLAMA_CPP` says why.
+probe (`<variant>_pct_of_read_bw`). Each row is also printed as one readable line (`summary`).
+llama.cpp's Q4_0 is not a column: `LLAMA_CPP` says why.
 
 Bandwidth bounds at M=1 over bf16's 2 bytes/weight: the native kernel streams 0.5 byte of nibbles
 plus a 2-byte scale per group, 2 / (0.5 + 2/G) = 3.56x at G=32; aten's layout stores a zero next
@@ -60,8 +63,10 @@ GROUP_SIZES = (32, 128)
 
 
 LLAMA_CPP = (
-    "not run: pip finds no prebuilt llama-cpp-python wheel for this Python (only the sdist, "
-    "which builds llama.cpp with CMake: too slow on the 2 shared cores here)"
+    "not run: pip finds no prebuilt llama-cpp-python wheel for CPython 3.11 here (`pip download "
+    "--no-deps --only-binary=:all: llama-cpp-python`: no matching distribution; only the 0.3.36 "
+    "sdist, 77 MB, which builds llama.cpp with CMake), and the source build was not affordable "
+    "on the 2 shared cores (load average 8-13 at the time)"
 )
 PROBE_BYTES = 256 * 2**20
 
@@ -104,11 +109,12 @@ def rotating(fns: list[Callable[[torch.Tensor], object]]) -> Callable[[torch.Ten
     return lambda x: next(it)(x)
 
 
-def median_ms(fns: dict[str, Callable[[], object]], repeats: int, budget_s: float) -> dict:
-    """Median ms of each callable, timed round-robin (one call of each per round).
+def timed_ms(fns: dict[str, Callable[[], object]], repeats: int, budget_s: float) -> dict:
+    """{name: {"median", "min", "max"}} ms of each callable, timed round-robin.
 
-    Interleaving gives every variant the same share of a noisy machine's contention. After one
-    warmup call each, rounds run until `repeats` or budget_s (at least 3 rounds).
+    Interleaving gives every variant the same share of a noisy machine's contention; the minimum
+    is the figure least disturbed by other processes, max / min shows the noise. After one warmup
+    call each, rounds run until `repeats` or budget_s (at least 3 rounds).
     """
     for fn in fns.values():
         fn()
@@ -121,7 +127,10 @@ def median_ms(fns: dict[str, Callable[[], object]], repeats: int, budget_s: floa
             fn()
             times[name].append(time.perf_counter() - t0)
         rounds += 1
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    return {
+        name: {"median": statistics.median(ts) * 1e3, "min": min(ts) * 1e3, "max": max(ts) * 1e3}
+        for name, ts in times.items()
+    }
 
 
 def _torchao(linear: nn.Linear, kind: str, group_size: int) -> nn.Module:
@@ -246,11 +255,16 @@ def _shape_rows(
             row["qatpass_aten_max_abs_diff_vs_dequant_ref"] = float(
                 (run_aten(x).float() - ref).abs().max()
             )
-            row.update({f"{k}_ms": v for k, v in median_ms(fns, repeats, budget_s).items()})
+            for key, t in timed_ms(fns, repeats, budget_s).items():
+                row[f"{key}_ms"], row[f"{key}_min_ms"] = t["median"], t["min"]
+                row[f"{key}_max_over_min"] = t["max"] / t["min"]  # the noise of this row
         for key in ("qatpass", "qatpass_aten", "qatpass_fallback", "torchao_int4", "torchao_w8a8"):
             if row.get(f"{key}_ms"):
                 row[f"{key}_speedup_vs_bf16"] = row["bf16_ms"] / row[f"{key}_ms"]
+                row[f"{key}_speedup_vs_bf16_min"] = row["bf16_min_ms"] / row[f"{key}_min_ms"]
+        row["qatpass_kernel"] = _kernel_at(fast.cpu_path, x)
         if m == 1 and read_bw_gbps:
+            read_bw_gbps = max(read_bw_gbps, read_bw(torch.get_num_threads()))  # probe again
             row["read_bw_gbps"] = read_bw_gbps
             for key, nbytes in (("bf16", bf16_bytes), ("qatpass", packed.nbytes()),
                                 ("qatpass_aten", resident(aten))):  # fmt: skip
@@ -258,12 +272,49 @@ def _shape_rows(
                     gbps = nbytes / (row[f"{key}_ms"] * 1e-3) / 1e9
                     row[f"{key}_gbps"] = gbps
                     row[f"{key}_pct_of_read_bw"] = 100 * gbps / read_bw_gbps
+                    best = nbytes / (row[f"{key}_min_ms"] * 1e-3) / 1e9  # the fastest call
+                    row[f"{key}_gbps_best"] = best
+                    row[f"{key}_pct_of_read_bw_best"] = 100 * best / read_bw_gbps
         row["packed_bytes_over_bf16"] = packed.nbytes() / bf16_bytes
         row["resident_bytes_over_bf16"] = resident(fast) / bf16_bytes
         row["aten_resident_bytes_over_bf16"] = resident(aten) / bf16_bytes
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
+        print(summary(row), file=sys.stderr, flush=True)
     return rows
+
+
+def _kernel_at(cpu_path: str, x: torch.Tensor) -> str:
+    """Which kernel `kernels.cpu.linear` runs for x: "gemm" (decoded strips), "native", or the
+    CPU path's name (int4pack, dequant)."""
+    from qatpass.kernels.cpu.gemm import use_gemm
+
+    if cpu_path != "native":
+        return cpu_path
+    return "gemm" if use_gemm(x.reshape(-1, x.shape[-1])) else "native"
+
+
+def summary(row: dict) -> str:
+    """One readable line per row: bf16 and qatpass ms (median, min), x bf16 on each, the noise
+    (max / min), and at M=1 GB/s and % of the read-bandwidth probe (median, fastest call)."""
+    text = (
+        f"{row['N']}x{row['K']} g{row['group_size']} M={row['M']} {row['threads']}T: "
+        f"bf16 {row['bf16_ms']:.3f} (min {row['bf16_min_ms']:.3f}) ms"
+    )
+    if row.get("qatpass_ms"):
+        text += (
+            f" | qatpass [{row['qatpass_kernel']}] {row['qatpass_ms']:.3f} "
+            f"(min {row['qatpass_min_ms']:.3f}) ms x{row['qatpass_speedup_vs_bf16']:.2f} bf16 "
+            f"(min x{row['qatpass_speedup_vs_bf16_min']:.2f}) | max/min bf16 "
+            f"{row['bf16_max_over_min']:.2f} qatpass {row['qatpass_max_over_min']:.2f}"
+        )
+    if row.get("qatpass_gbps"):
+        text += (
+            f" | {row['qatpass_gbps']:.1f} GB/s = {row['qatpass_pct_of_read_bw']:.0f}% "
+            f"(fastest {row['qatpass_gbps_best']:.1f} = {row['qatpass_pct_of_read_bw_best']:.0f}%)"
+            f" of {row['read_bw_gbps']:.1f} GB/s read"
+        )
+    return text
 
 
 def run_cpu(

@@ -6,9 +6,9 @@
 `cpu_path` says, from shapes and dtypes alone (never values), which path a packed weight takes
 for an activation dtype: qatpass's native kernel (`native`), aten's int4 GEMM on a repack
 (`int4pack`, e.g. fp16 activations), or the scheme's dequantize + F.linear (`dequant`). Within
-`native`, each call may pick by M: bf16 x with M >= `gemm.GEMM_MIN_M` rows would decode the
-weight panel by panel to bf16 and run torch's bf16 GEMM on it (`gemm.py`, off by default), else
-the native kernel. The
+`native`, each call picks by M: bf16 x with M >= `gemm.GEMM_MIN_M` rows runs the GEMM on decoded
+weight strips (`gemm.py`: the weight decoded once per call, a register-blocked microkernel over
+all rows of x), fewer rows the native kernel (a decode per tile of x). The
 aten repack is this package's concern: it is built on first use and cached beside the
 canonical qweight (keyed on the tensor and its version counter), so an in-place refresh of the
 canonical buffers invalidates it and nothing else ever holds or passes it.

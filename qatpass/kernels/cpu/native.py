@@ -97,9 +97,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qp_w4a16_f32.restype = _INT
     lib.qp_arrange_bf16.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
     lib.qp_arrange_bf16.restype = None
-    lib.qp_decode_bf16.argtypes = [_PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64,
-                                   _INT]  # fmt: skip
-    lib.qp_decode_bf16.restype = None
+    lib.qp_w4a16_gemm_bf16.argtypes = lib.qp_w4a16_bf16.argtypes
+    lib.qp_w4a16_gemm_bf16.restype = _INT
+    lib.qp_gemm_supported.restype = _INT
 
 
 _disabled_depth = 0
@@ -168,7 +168,7 @@ def native_linear(
     """x2d [M, K] @ W.T (+ bias) -> [M, N] in x2d.dtype, on the native kernel at every M.
 
     Shapes, dtypes and devices are checked here; ValueError when `native_reason` refuses the
-    call. (`kernels.cpu.linear` picks between this and the GEMM on decoded panels per M.)
+    call. (`kernels.cpu.linear` picks between this and the GEMM on decoded strips per M.)
     """
     lib, why = _load()
     if lib is None:
@@ -246,8 +246,11 @@ def run_native(
     zeros: torch.Tensor | None,
     bias: torch.Tensor | None,
     group_size: int,
+    *,
+    gemm: bool = False,
 ) -> torch.Tensor:
-    """`native_linear` minus the machine checks, for callers that chose the path (the ops).
+    """`native_linear` minus the machine checks, for callers that chose the path (the ops);
+    `gemm`: the GEMM on decoded strips (bf16 x, `gemm.py`) instead of the per-tile decode.
 
     The invariants the C code relies on are checked again here (`check_native_args`).
     """
@@ -261,10 +264,11 @@ def run_native(
     x2d = _x_rows(x2d)
     threads = torch.get_num_threads()
     kind = _SCALE_KIND[scales.dtype]
-    fn = lib.qp_w4a16_bf16 if x2d.dtype == torch.bfloat16 else lib.qp_w4a16_f32
-    extra = (0,) if x2d.dtype == torch.bfloat16 else ()  # bf16: out_kind 0 (bf16 y)
+    bf16 = x2d.dtype == torch.bfloat16
+    fn = (lib.qp_w4a16_gemm_bf16 if gemm else lib.qp_w4a16_bf16) if bf16 else lib.qp_w4a16_f32
+    extra = (0,) if bf16 else ()  # bf16: out_kind 0 (bf16 y)
     rc = fn(x2d.data_ptr(), x2d.stride(0), qweight.data_ptr(), scales.data_ptr(), kind,
             zeros_ptr, bias_ptr, y.data_ptr(), *extra, m, n, k, group_size, threads)  # fmt: skip
     if rc:
-        raise MemoryError("native kernel: no memory for the arranged activations")
+        raise MemoryError("native kernel: no memory for the arranged activations or buffers")
     return y

@@ -19,10 +19,10 @@
 //
 // Paths: M = 1 streams four weight rows at once (one from each quarter of N: four streams,
 // measured faster than two; two adjacent rows were slower still); M > 1 decodes a weight block
-// once per tile of up to MT rows of x and two weight rows. `qp_decode_bf16` writes rows of the dequantized weight (RNE to bf16 of the
-// fp32 (code - zero) * scale, bit-equal to the scheme's dequantize) in the arranged k order,
-// for the caller's bf16 GEMM at large M. Rows n are split across OpenMP threads; each output's
-// sum has a fixed order, so results do not depend on the thread count.
+// once per tile of up to MT rows of x and two weight rows; `qp_w4a16_gemm_bf16` (larger M, see
+// its section) decodes the weight once per call into strips for a register-blocked GEMM. Rows n
+// are split across OpenMP threads; each output's sum has a fixed order, so results do not
+// depend on the thread count.
 //
 // Built and loaded by qatpass/kernels/cpu/native.py (which checks qp_cpu_supported() first and
 // validates every argument: the code here trusts shapes, strides and pointers).
@@ -437,81 +437,6 @@ int qp_w4a16_bf16(const uint16_t* x, int64_t ldx, const uint8_t* qweight, const 
   return 0;
 }
 
-// ---- dequantized panels for the GEMM path ---------------------------------------------------
-
-static inline __m512 scales_f32(const Row* r, const Dec* d, int64_t b, __mmask16 gm, int kind,
-                                const int gpb) {
-  const int64_t g0 = first_group(d, b, gpb);
-  if (kind == 2) return _mm512_maskz_loadu_ps(gm, (const float*)r->s + g0);
-  const __m256i h = _mm256_maskz_loadu_epi16(gm, (const uint16_t*)r->s + g0);
-  if (kind == 1) return _mm512_cvtph_ps(h);
-  return (__m512)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
-}
-
-// bf16 table of group q of a block: RNE((code - zero) * scale) for the 16 codes, fp32 math.
-static inline __m512 group_values(const Dec* d, __m512 s, __m512 z, int q, const int asym) {
-  const __m512 c = asym ? _mm512_sub_ps(d->base, lane_bcast(z, q)) : d->base;
-  return _mm512_mul_ps(c, lane_bcast(s, q));
-}
-
-// One row of the dequantized weight in the arranged order (see qp_decode_bf16).
-static inline __attribute__((always_inline)) void decode_row(const Row* r, const Dec* d,
-                                                             uint16_t* o, int kind,
-                                                             const int asym, const int gpb) {
-  const __m512i mask = _mm512_set1_epi16(0xF);
-  for (int64_t b = 0; b < d->blocks; ++b) {
-    const int last = b == d->blocks - 1;
-    const __mmask16 gm = last ? d->tail_groups : d->full_groups;
-    const __mmask32 wm = last ? d->tail_words : 0xFFFFFFFFu;
-    const __m512i w = _mm512_maskz_loadu_epi16(wm, r->w + b * 64);
-    const __m512 s = scales_f32(r, d, b, gm, kind, gpb);
-    const __m512 z = asym ? block_zeros(r, d, b, gm, gpb) : _mm512_setzero_ps();
-    const __m512 v0 = group_values(d, s, z, 0, asym);
-    const __m512 v1 = gpb > 1 ? group_values(d, s, z, 1, asym) : v0;
-    const __m512i ta = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);  // entries 16q + u, q = 0, 1
-    __m512i tb = ta;
-    if (gpb == 4)
-      tb = (__m512i)_mm512_cvtne2ps_pbh(group_values(d, s, z, 3, asym),
-                                        group_values(d, s, z, 2, asym));
-    for (int q = 0; q < 4; ++q) {
-      const __m512i sh = _mm512_srli_epi16(w, 4 * q);
-      __m512i v;
-      if (gpb == 1) {
-        v = _mm512_permutexvar_epi16(sh, ta);  // the table repeats: low 5 bits suffice
-      } else {
-        const __m512i idx = _mm512_ternarylogic_epi32(sh, mask, d->word_grp, 0xEA);
-        v = gpb == 2 ? _mm512_permutexvar_epi16(idx, ta) : _mm512_permutex2var_epi16(ta, idx, tb);
-      }
-      _mm512_storeu_si512(o + b * KB + 32 * q, last ? _mm512_maskz_mov_epi16(wm, v) : v);
-    }
-  }
-}
-
-// Rows [n0, n1) of the weight as bf16 RNE((code - zero) * scale) (fp32 math, as the scheme's
-// dequantize), in the arranged k order: out[(row - n0) * ldo + 128b + 32r + j] is k 128b+4j+r,
-// zero past K. ldo >= ceil(K / 128) * 128. Per block: one bf16 table per group, then a permute
-// per 32 weights.
-void qp_decode_bf16(const uint8_t* qweight, const void* scales, int kind, const int8_t* zeros,
-                    int64_t n0, int64_t n1, int64_t k, int64_t g, uint16_t* out, int64_t ldo,
-                    int nthreads) {
-  const Dec d = make_dec(k, g);
-  const int gpb = gpb_of(&d);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t row = n0; row < n1; ++row) {
-    const Row r = row_at(qweight, scales, zeros, row, &d, kind);
-    uint16_t* o = out + (row - n0) * ldo;
-    if (zeros) {
-      if (gpb == 4) decode_row(&r, &d, o, kind, 1, 4);
-      else if (gpb == 2) decode_row(&r, &d, o, kind, 1, 2);
-      else decode_row(&r, &d, o, kind, 1, 1);
-    } else {
-      if (gpb == 4) decode_row(&r, &d, o, kind, 0, 4);
-      else if (gpb == 2) decode_row(&r, &d, o, kind, 0, 2);
-      else decode_row(&r, &d, o, kind, 0, 1);
-    }
-  }
-}
-
 // ---- fp32 activations -----------------------------------------------------------------------
 
 static inline float load_scale(const void* scales, int64_t i, int kind) {
@@ -522,6 +447,318 @@ static inline float load_scale(const void* scales, int64_t i, int kind) {
   float f;
   memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+// ---- GEMM on decoded weight strips (bf16 x, larger M) ---------------------------------------
+//
+// The weight is decoded once per call, 16 rows x GKC k at a time, into bf16 pairs laid out for a
+// broadcast microkernel: strip[p][i] (32 bits) = (c[r0 + i][k0 + 2p], c[r0 + i][k0 + 2p + 1]),
+// c = code - zero, a small integer (exact in bf16); each block's scales (and zeros) are
+// transposed once per call to [group][16 rows] (block_tables).
+// Decode per 32 weights: one vpmultishiftqb puts each weight's nibble in the low bits of its
+// word (of the 16 rows' 64-byte lines transposed, lane i = row i), one vpermw looks up its bf16
+// value (asymmetric: the nibble less 8 + zero, as a 5-bit index into a signed table first).
+// x is packed to [strips][K / 2][GMR] pairs. The microkernel runs up to GMR rows of x times two
+// strips (32 weight rows): one vdpbf16ps per (row, strip, k pair) into a per-segment fp32
+// accumulator (the products are exact in fp32), and per segment (a group, or the part of it in
+// this chunk) one fma adds accumulator x scale to the total. So y is x @ W.T with W the fp32
+// (code - zero) * scale, as the native kernel computes it, up to fp32 summation order. The
+// decode is amortised over all M rows. Blocks of GNB weight rows are split across threads; each
+// output's sum runs in a fixed order: the result does not depend on the thread count.
+
+#define GN 16     // weight rows per strip (one zmm of outputs)
+#define GNB 64    // weight rows per block of work (four strips, one OpenMP iteration)
+#define GKC 256   // k per decoded chunk (a strip pair of it, 16 KiB, stays in L1)
+#define GMR 6     // rows of x per microkernel (2 x 6 segment + 2 x 6 total accumulators)
+#define GGROUPS (GKC / 32)  // groups in a chunk at most
+
+// Rows of x per strip: M split into ceil(M / GMR) strips as evenly as possible.
+static inline int64_t strip_row(int64_t m, int64_t s) {
+  const int64_t strips = (m + GMR - 1) / GMR, base = m / strips, extra = m % strips;
+  return s * base + (s < extra ? s : extra);
+}
+
+// x bf16 [M, K] (row stride ldx) -> [strips][K / 2][GMR] 32-bit pairs: strip s holds rows
+// strip_row(m, s) .. strip_row(m, s + 1) - 1, zero past them.
+static void pack_x_pairs(const uint16_t* x, int64_t ldx, int64_t m, int64_t k, uint32_t* xp) {
+  const int64_t kp = k / 2, strips = (m + GMR - 1) / GMR;
+  for (int64_t s = 0; s < strips; ++s) {
+    uint32_t* o = xp + s * kp * GMR;
+    const int64_t r0 = strip_row(m, s), rows = strip_row(m, s + 1) - r0;
+    for (int r = 0; r < GMR; ++r) {
+      if (r >= rows) {
+        for (int64_t p = 0; p < kp; ++p) o[p * GMR + r] = 0;
+        continue;
+      }
+      const uint16_t* xr = x + (r0 + r) * ldx;  // rows may start at any even address
+      for (int64_t p = 0; p < kp; ++p) memcpy(o + p * GMR + r, xr + 2 * p, 4);
+    }
+  }
+}
+
+// 16 x 16 transpose of 32-bit lanes: on return r[c] lane i = (input r[i]) lane c.
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + j] 128-bit lane L: rows 4i..4i+3 at column 4L + j
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // a 4 x 4 transpose of 128-bit lanes per j
+    const __m512i s0 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44);
+    const __m512i s1 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xEE);
+    const __m512i s2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44);
+    const __m512i s3 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xEE);
+    t[j] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+    t[4 + j] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+    t[8 + j] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+    t[12 + j] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+  }
+  for (int c = 0; c < 16; ++c) r[c] = t[c];
+}
+
+// The GEMM's decode needs AVX-512 VBMI (vpmultishiftqb) beside what qp_cpu_supported checks;
+// its functions are compiled for it alone (VBMI), so the rest of the library does not need it.
+#define VBMI __attribute__((target("avx512vbmi")))
+
+int qp_gemm_supported(void) { return qp_cpu_supported() && __builtin_cpu_supports("avx512vbmi"); }
+
+// A decoded chunk of one strip: the (code - zero) pairs.
+typedef struct {
+  uint32_t w[GKC / 2 * GN] __attribute__((aligned(64)));
+} Strip;
+
+// The 16 groups' values of row `row` from group g0 as fp32 (lanes past `count` zero).
+static inline __m512 row_scales(const void* scales, int kind, int64_t at, __mmask16 mask) {
+  if (kind == 2) return _mm512_maskz_loadu_ps(mask, (const float*)scales + at);
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t*)scales + at);
+  if (kind == 1) return _mm512_cvtph_ps(h);
+  return (__m512)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+}
+
+// A block's scales (and, asymmetric, 8 + zero in both 16-bit halves) transposed for the
+// microkernel: st[(strip * groups + group) * 16 + i] = row (n0 + 16 strip + i)'s, zero past n.
+static void block_tables(const void* scales, int kind, const int8_t* zeros, const Dec* d,
+                         int64_t n, int64_t n0, float* st, uint32_t* zt) {
+  const int64_t groups = d->groups;
+  for (int s = 0; s < GNB / GN; ++s)
+    for (int64_t gb = 0; gb < groups; gb += 16) {
+      const int64_t count = groups - gb < 16 ? groups - gb : 16;
+      const __mmask16 mask = (__mmask16)((1u << count) - 1);
+      __m512i r[16], z[16];
+      for (int i = 0; i < GN; ++i) {
+        const int64_t row = n0 + s * GN + i;
+        const int in = row < n;
+        r[i] = in ? (__m512i)row_scales(scales, kind, row * groups + gb, mask)
+                  : _mm512_setzero_si512();
+        if (zeros) {
+          const __m128i zb = _mm_maskz_loadu_epi8(mask, zeros + row * groups + gb);
+          z[i] = in ? _mm512_mullo_epi32(_mm512_add_epi32(_mm512_cvtepi8_epi32(zb),
+                                                          _mm512_set1_epi32(8)),
+                                         _mm512_set1_epi32(0x10001))
+                    : _mm512_setzero_si512();
+        }
+      }
+      transpose16(r);
+      if (zeros) transpose16(z);
+      for (int c = 0; c < count; ++c) {
+        _mm512_store_si512(st + ((s * groups) + gb + c) * GN, r[c]);
+        if (zeros) _mm512_store_si512(zt + ((s * groups) + gb + c) * GN, z[c]);
+      }
+    }
+}
+
+// vpmultishiftqb controls: for byte q of each 32-bit lane (two per qword), the lane's word 0
+// takes bits 8q.. (the low nibble of byte q), word 1 bits 8q + 4.. (its high nibble).
+#define MS_LANE(q, o) (o) + 8 * (q), 0, (o) + 8 * (q) + 4, 0
+#define MS_QWORD(q) MS_LANE(q, 0), MS_LANE(q, 32)
+#define MS_CTRL(q) {MS_QWORD(q), MS_QWORD(q), MS_QWORD(q), MS_QWORD(q), \
+                    MS_QWORD(q), MS_QWORD(q), MS_QWORD(q), MS_QWORD(q)}
+static const uint8_t MS_CTRL_[4][64] __attribute__((aligned(64))) = {
+    MS_CTRL(0), MS_CTRL(1), MS_CTRL(2), MS_CTRL(3)};
+#undef MS_CTRL
+#undef MS_QWORD
+#undef MS_LANE
+// bf16 of code = nibble - 8 (index read mod 32: the 16 values twice), and of the 5-bit two's
+// complement i (asymmetric: nibble - (8 + zero) in -15..15).
+static const uint16_t CODE_BF16[32] __attribute__((aligned(64))) = {
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
+static const uint16_t SIGNED_BF16[32] __attribute__((aligned(64))) = {
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+    0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170,
+    0xC180, 0xC170, 0xC160, 0xC150, 0xC140, 0xC130, 0xC120, 0xC110,
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80};
+
+// Weight rows [r0, r0 + 16) (lanes past n are zero), k in [k0, k0 + kc), into st; zt: the
+// strip's zero table (block_tables), asymmetric only.
+static inline VBMI __attribute__((always_inline)) void decode_strip(
+    const uint8_t* qweight, const Dec* d, int64_t n, int64_t r0, int64_t k0, int64_t kc,
+    const uint32_t* zt, Strip* st, const int asym) {
+  const int64_t lanes = n - r0 < GN ? n - r0 : GN;
+  if (lanes <= 0) {
+    memset(st, 0, sizeof *st);
+    return;
+  }
+  const int64_t half = d->k / 2;
+  const __m512i lut = _mm512_load_si512(asym ? SIGNED_BF16 : CODE_BF16);
+  const __m512i low4 = _mm512_set1_epi16(0xF);
+  const uint8_t* wb = qweight + r0 * half + k0 / 2;
+  if (k0 + kc < d->k)  // the next chunk of these rows, while this one is multiplied
+    for (int i = 0; i < lanes; ++i)
+      for (int64_t off = 0; off < GKC / 2; off += 64)
+        _mm_prefetch((const char*)(wb + i * half + kc / 2 + off), _MM_HINT_T0);
+  for (int64_t b = 0; b < kc; b += KB) {
+    const int64_t words = kc - b < KB ? (kc - b) / 8 : 16;  // 32-bit lanes of a row inside K
+    const __mmask16 wm = (__mmask16)((1u << words) - 1);
+    __m512i r[16];
+    for (int i = 0; i < GN; ++i)
+      r[i] = i < lanes ? _mm512_maskz_loadu_epi32(wm, wb + i * half + b / 2) : _mm512_setzero_si512();
+    transpose16(r);
+    for (int c = 0; c < words; ++c) {
+      __m512i zv = _mm512_setzero_si512();
+      if (asym) zv = _mm512_load_si512(zt + (d->shift >= 62 ? 0 : (k0 + b + 8 * c) >> d->shift) * GN);
+      for (int q = 0; q < 4; ++q) {
+        __m512i idx = _mm512_multishift_epi64_epi8(_mm512_load_si512(MS_CTRL_[q]), r[c]);
+        if (asym) idx = _mm512_sub_epi16(_mm512_and_si512(idx, low4), zv);  // vpermw: low 5 bits
+        _mm512_store_si512(st->w + ((b / 2) + 4 * c + q) * GN, _mm512_permutexvar_epi16(idx, lut));
+      }
+    }
+  }
+}
+
+// acc + w . (the pair at p, broadcast): the broadcast folded into vdpbf16ps's memory operand
+// (compilers materialise a broadcast used twice in a register, one more instruction per row).
+static inline __attribute__((always_inline)) __m512 dp_bcast(__m512 acc, __m512bh w,
+                                                             const uint32_t* p) {
+  __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*p));
+  return acc;
+}
+
+// mr rows of packed x (xs: [steps][GMR]) times strips a, b over kc / 2 steps in segments of seg
+// steps (segment sg: one group, scales at sa0 / sb0 + 16 sg): c[r * ldc + 0..31] += the sums.
+static inline __attribute__((always_inline)) void gemm_micro(const uint32_t* xs, const Strip* a,
+                                                             const Strip* b, const float* sa0,
+                                                             const float* sb0, int64_t steps,
+                                                             int64_t seg, float* c, int64_t ldc,
+                                                             const int mr) {
+  __m512 tot[GMR][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < mr; ++r)
+    tot[r][0] = _mm512_loadu_ps(c + r * ldc), tot[r][1] = _mm512_loadu_ps(c + r * ldc + GN);
+  for (int64_t p0 = 0, sg = 0; p0 < steps; p0 += seg, ++sg) {
+    const int64_t p1 = p0 + seg < steps ? p0 + seg : steps;
+    __m512 acc[GMR][2];
+#pragma GCC unroll 6
+    for (int r = 0; r < mr; ++r) acc[r][0] = _mm512_setzero_ps(), acc[r][1] = _mm512_setzero_ps();
+    for (int64_t p = p0; p < p1; ++p) {
+      const __m512bh w0 = (__m512bh)_mm512_load_si512(a->w + p * GN);
+      const __m512bh w1 = (__m512bh)_mm512_load_si512(b->w + p * GN);
+      const uint32_t* xq = xs + p * GMR;
+#pragma GCC unroll 6
+      for (int r = 0; r < mr; ++r) {
+        acc[r][0] = dp_bcast(acc[r][0], w0, xq + r);
+        acc[r][1] = dp_bcast(acc[r][1], w1, xq + r);
+      }
+    }
+    const __m512 sa = _mm512_load_ps(sa0 + sg * GN), sb = _mm512_load_ps(sb0 + sg * GN);
+#pragma GCC unroll 6
+    for (int r = 0; r < mr; ++r) {
+      tot[r][0] = _mm512_fmadd_ps(acc[r][0], sa, tot[r][0]);
+      tot[r][1] = _mm512_fmadd_ps(acc[r][1], sb, tot[r][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < mr; ++r)
+    _mm512_storeu_ps(c + r * ldc, tot[r][0]), _mm512_storeu_ps(c + r * ldc + GN, tot[r][1]);
+}
+
+static VBMI void gemm_block(const uint32_t* xp, const uint8_t* qweight, const void* scales,
+                            const int8_t* zeros, int kind, const Dec* d, const float* bias,
+                            void* y, int out_kind, int64_t m, int64_t n, int64_t blk,
+                            Strip* panel, float* cb, float* st, uint32_t* zt) {
+  const int64_t k = d->k, kp = k / 2, strips = (m + GMR - 1) / GMR, n0 = blk * GNB;
+  const int64_t groups = d->groups;
+  // k pairs per segment: a group, or a whole chunk when groups are larger (per channel)
+  const int64_t seg = d->shift >= 62 || ((int64_t)1 << d->shift) >= GKC ? GKC / 2
+                                                                         : ((int64_t)1 << d->shift) / 2;
+  block_tables(scales, kind, zeros, d, n, n0, st, zt);
+  memset(cb, 0, (size_t)m * GNB * 4);
+  for (int64_t k0 = 0; k0 < k; k0 += GKC) {
+    const int64_t kc = k - k0 < GKC ? k - k0 : GKC;
+    const int64_t g0 = d->shift >= 62 ? 0 : k0 >> d->shift;
+    for (int s = 0; s < GNB / GN; ++s) {
+      const uint32_t* zs = zt + s * groups * GN;
+      if (zeros) decode_strip(qweight, d, n, n0 + s * GN, k0, kc, zs, &panel[s], 1);
+      else decode_strip(qweight, d, n, n0 + s * GN, k0, kc, zs, &panel[s], 0);
+    }
+    for (int64_t ms = 0; ms < strips; ++ms) {
+      const int mr = (int)(strip_row(m, ms + 1) - strip_row(m, ms));
+      const uint32_t* xs = xp + (ms * kp + k0 / 2) * GMR;
+      for (int pair = 0; pair < GNB / (2 * GN); ++pair) {
+        if (n0 + 2 * GN * pair >= n) break;
+        const Strip* a = &panel[2 * pair];
+        const float* sa = st + (2 * pair * groups + g0) * GN;
+        const float* sb = sa + groups * GN;
+        float* c = cb + strip_row(m, ms) * GNB + 2 * GN * pair;
+        switch (mr) {
+#define MICRO(T) \
+  case T: gemm_micro(xs, a, a + 1, sa, sb, kc / 2, seg, c, GNB, T); break;
+          MICRO(1) MICRO(2) MICRO(3) MICRO(4) MICRO(5) MICRO(6)
+#undef MICRO
+        }
+      }
+    }
+  }
+  const int64_t cols = n - n0 < GNB ? n - n0 : GNB;
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t j = 0; j < cols; ++j)
+      store_out(y, out_kind, r * n + n0 + j, cb[r * GNB + j] + (bias ? bias[n0 + j] : 0.0f));
+}
+
+// x: bf16 [M, K] with row stride ldx; y: [M, N] bf16 (out_kind 0) or fp32 (2). Returns -1 when
+// out of memory for the packed x or the per-thread buffers.
+int qp_w4a16_gemm_bf16(const uint16_t* x, int64_t ldx, const uint8_t* qweight,
+                        const void* scales, int scale_kind, const int8_t* zeros, const float* bias,
+                        void* y, int out_kind, int64_t m, int64_t n, int64_t k, int64_t g,
+                        int nthreads) {
+  const Dec d = make_dec(k, g);
+  const int64_t strips = (m + GMR - 1) / GMR, nblocks = (n + GNB - 1) / GNB;
+  uint32_t* xp = aligned_alloc(64, ((size_t)strips * GMR * (k / 2) * 4 + 63) & ~(size_t)63);
+  if (!xp) return -1;
+  pack_x_pairs(x, ldx, m, k, xp);
+  int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+  {
+    Strip* panel = aligned_alloc(64, sizeof(Strip) * (GNB / GN));
+    float* cb = aligned_alloc(64, ((size_t)m * GNB * 4 + 63) & ~(size_t)63);
+    const size_t table = (size_t)GNB * d.groups * 4;  // a multiple of 64
+    float* st = aligned_alloc(64, table);
+    uint32_t* zt = zeros ? aligned_alloc(64, table) : NULL;
+    const int ok = panel && cb && st && (zt || !zeros);
+    if (!ok) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < nblocks; ++blk)
+      if (ok)
+        gemm_block(xp, qweight, scales, zeros, scale_kind, &d, bias, y, out_kind, m, n, blk,
+                   panel, cb, st, zt);
+    free(panel);
+    free(cb);
+    free(st);
+    free(zt);
+  }
+  free(xp);
+  return failed ? -1 : 0;
 }
 
 // One weight row against mt rows of fp32 x ([M, K/32, 2, 16], see arrange_f32).
