@@ -8,8 +8,8 @@ beyond 6 saturate to 6.
 
 - NVFP4 (compressed-tensors `nvfp4-pack-quantized`, vLLM): one fp32 global scale per matrix
   `gs = 448 * 6 / amax(W)` (1 when that is not finite), one FP8 E4M3 scale per 16 elements along
-  K: `s = e4m3(clamp(gs * (amax(block) / 6), 2**-9, 448))` (round to nearest even, subnormals
-  included, never 0); the element scale is `s / gs` (fp32 division) and
+  K: `s = e4m3(clamp(gs * (amax(block) * fp32(1/6)), 2**-9, 448))` (round to nearest even,
+  subnormals included, never 0); the element scale is `s / gs` (fp32 division) and
   `w = e2m1 * (s / gs)`, which is what compressed-tensors' decompressor computes.
 - MXFP4 (OCP MX v1.0): one E8M0 scale 2**e per 32 elements along K, stored as uint8 e + 127,
   with the OCP rule `e = floor(log2(amax(block))) - 2` (2 = E2M1's largest exponent), clamped to
@@ -44,6 +44,9 @@ E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 E4M3_MIN_SUBNORMAL = 2.0**-9
 E8M0_BIAS = 127
+# amax / 6 is computed as amax * fp32(1/6): a compiler turns a division by a constant into this
+# multiplication on some devices (Inductor on CUDA), so writing it so keeps fake == real there
+_SIXTH = 1.0 / 6.0
 _DICT_KEYS = ("format",)
 
 
@@ -171,23 +174,32 @@ class Fp4Scheme(QuantScheme):
         amax = blocks.abs().amax(dim=-1)
         if self.format == "nvfp4":
             tensor_amax = amax.amax(dim=(-2, -1)).clamp(min=torch.finfo(torch.float32).tiny)
-            gs = (E4M3_MAX * E2M1_MAX) / tensor_amax
+            # a true division (`2688 / t` would be reciprocal-then-multiply)
+            gs = torch.full_like(tensor_amax, E4M3_MAX * E2M1_MAX) / tensor_amax
             gs = torch.where(torch.isfinite(gs), gs, torch.ones_like(gs))
             g = gs[..., None, None]
-            s = e4m3_round(((amax / E2M1_MAX) * g).clamp(E4M3_MIN_SUBNORMAL, E4M3_MAX))
+            s = e4m3_round(((amax * _SIXTH) * g).clamp(E4M3_MIN_SUBNORMAL, E4M3_MAX))
             return s, s / g, gs
         exponent = ((amax.view(torch.int32) >> 23) & 0xFF) - E8M0_BIAS  # floor(log2), 0 -> -127
         e = (exponent - 2).clamp(-E8M0_BIAS, E8M0_BIAS)
         return e, _e8m0_value(e), None
 
+    def _codes_input(self, blocks: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """blocks in units of their scale: a division (NVFP4, as compressed-tensors), or for MX
+        a multiplication by the exact 2**-e (no division to be rewritten)."""
+        if self.format == "nvfp4":
+            return blocks / scale.unsqueeze(-1)
+        e = ((scale.view(torch.int32) >> 23) & 0xFF) - E8M0_BIAS
+        inverse = torch.where(e >= -126, _e8m0_value(-e), torch.full_like(scale, 2.0**127))
+        return blocks * inverse.unsqueeze(-1)
+
     def fake_quantize_values(self, w: torch.Tensor, dim: int) -> torch.Tensor:
         dim = check_dim(w, dim)
         blocks = self._blocks(w, dim)
         _, scale, _ = self._scales(blocks)
-        s = scale.unsqueeze(-1)
-        y = blocks / s
+        y = self._codes_input(blocks, scale)
         mag = e2m1_round(y)
-        dq = torch.where(torch.signbit(y), -mag, mag) * s
+        dq = torch.where(torch.signbit(y), -mag, mag) * scale.unsqueeze(-1)
         moved = w.movedim(dim, -1).shape
         return dq.reshape(moved).to(w.dtype).movedim(-1, dim)
 
@@ -195,7 +207,7 @@ class Fp4Scheme(QuantScheme):
         dim = check_dim(w, dim)
         blocks = self._blocks(w, dim)
         stored, scale, gs = self._scales(blocks)
-        codes = e2m1_codes(blocks / scale.unsqueeze(-1))
+        codes = e2m1_codes(self._codes_input(blocks, scale))
         if self.format == "nvfp4":
             scales = stored.to(torch.float8_e4m3fn)  # exact: stored is on the E4M3 grid
         else:
