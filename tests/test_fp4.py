@@ -40,7 +40,11 @@ assert E2M1 == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
 # E4M3 (fn): exponent 4 bits, bias 7, mantissa 3 bits; no infinities, S.1111.111 is NaN
 E4M3 = sorted(
-    {(m / 8 * 2.0**-6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7)) for e in range(16) for m in range(8)}
+    {
+        (m / 8 * 2.0**-6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
+        for e in range(16)
+        for m in range(8)
+    }
     - {(1 + 7 / 8) * 2.0**8}
 )
 assert E4M3[-1] == 448.0 and E4M3[1] == 2.0**-9
@@ -106,7 +110,9 @@ def ref_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, exps
 
 
-def weights(seed: int, n: int, k: int, log2_scale: int, dtype=F32, zero_block=False) -> torch.Tensor:
+def weights(
+    seed: int, n: int, k: int, log2_scale: int, dtype=F32, zero_block=False
+) -> torch.Tensor:
     """Random [n, k] weights: blocks of 16 of very different magnitudes (small E4M3 scales),
     about 10% exact zeros, optionally an all-zero first block of 32."""
     g = torch.Generator().manual_seed(seed)
@@ -456,3 +462,38 @@ def test_onnxruntime_has_no_cpu_kernel_for_fp4():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)], ir_version=11)
     with pytest.raises(Exception, match="NOT_IMPLEMENTED"):
         ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("fmt", list(SCHEMES))
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_inference_lowering_uses_the_fp4_ops(impl, fmt):
+    """mode="inference" puts every planned matmul of a MoE model on the FP4 ops, no fake quant."""
+    from tiny_models import tiny_qwen3_moe
+
+    graphs = []
+
+    class Capture(qatpass.QatBackend):
+        def __call__(self, gm, example_inputs):
+            gm, _ = self.transform(gm, example_inputs)
+            graphs.append(gm)
+            return gm.forward
+
+    model, ids = tiny_qwen3_moe(impl), torch.randint(0, 128, (1, 5))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y = torch.compile(model, backend=Capture(QatConfig(mode="inference", scheme=fmt)))(ids)
+        want = qatpass.convert(model, ids, scheme=fmt)(ids)
+    torch._dynamo.reset()
+    targets = [n.target for g in graphs for n in g.graph.nodes]
+    assert targets.count(torch.ops.qatpass.fp4_linear.default) == 8
+    assert targets.count(torch.ops.qatpass.fp4_grouped_linear.default) == 4
+    assert all(g.meta["qatpass_lowering"] == {"packed": 12, "fake_quant": 0} for g in graphs)
+    torch.testing.assert_close(y.logits, want.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_diff_reports_fp4_fake_equals_real():
+    m, x = mlp(), torch.randn(2, 64)
+    report = qatpass.diff(m, x, scheme="nvfp4", compiler="aot_eager")
+    assert report.config["scheme"] == {"format": "nvfp4"}
+    assert report.layers and all(r.fake_vs_real_max_abs == 0 for r in report.layers)
+    assert "scheme nvfp4" in report.text()

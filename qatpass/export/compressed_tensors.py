@@ -39,7 +39,14 @@ from qatpass.config import QatConfig
 from qatpass.export.safetensors_io import atomic_dir, read_tensors, write_shards
 from qatpass.export.weights import ModelWeights, PackedEntry, collect_weights, drop_tied
 from qatpass.passes.plan import EXPERT_PARAM_NAMES, QuantPlan, is_conv1d, is_experts_module
-from qatpass.scheme import CODE_OFFSET, Int4Scheme, PackedWeight, QuantScheme, pack_int4, unpack_int4
+from qatpass.scheme import (
+    CODE_OFFSET,
+    Int4Scheme,
+    PackedWeight,
+    QuantScheme,
+    pack_int4,
+    unpack_int4,
+)
 from qatpass.scheme_fp4 import Fp4Scheme
 
 __all__ = [
@@ -240,14 +247,19 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
     return d
 
 
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    # isfinite has no float8 kernel: FP8 values are finite exactly when their float32 values are
+    return torch.isfinite(t.float() if t.element_size() == 1 else t)
+
+
 def _check_finite(model: nn.Module) -> None:
     """Refuse a model with a NaN/Inf in any float parameter or buffer, naming the first one."""
     if not isinstance(model, nn.Module):
         return  # collect_weights says what is wrong
     named = [*model.named_parameters(remove_duplicate=True), *model.named_buffers()]
     for name, t in named:
-        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
+        if t.is_floating_point() and t.device.type != "meta" and not bool(_finite(t).all()):
+            bad = int((~_finite(t)).sum())
             raise ValueError(
                 f"{name} (shape {list(t.shape)}) has {bad} non-finite values (NaN/Inf); "
                 "nothing is exported"
@@ -535,11 +547,8 @@ def read_checkpoint(
     scale_dtype = scale_dtypes.pop() if scale_dtypes else None
     scheme = _scheme_from(cfg.get("quantization_config"), path / "config.json", scale_dtype)
     fp4 = isinstance(scheme, Fp4Scheme)
-    if not fp4 and scale_dtype is not None and scale_dtype not in (
-        torch.float32,
-        torch.bfloat16,
-        torch.float16,
-    ):
+    int4_scale_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    if not fp4 and scale_dtype is not None and scale_dtype not in int4_scale_dtypes:
         raise ValueError(f"{path}: weight_scale dtype {scale_dtype} is not a float type")
     dtype = getattr(torch, str(cfg.get("dtype") or cfg.get("torch_dtype") or ""), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
