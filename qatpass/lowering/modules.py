@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from qatpass.kernels.cpu import CPU_PATH_NAMES, cpu_path
+from qatpass.kernels.cpu.fp4_native import fp4_kernel_reason
 from qatpass.lowering import ops as _ops
 from qatpass.scheme import PackedWeight, QuantScheme, quantize
 
@@ -48,8 +49,9 @@ class PackedMixin:
             self.register_buffer(f"{prefix}{key}", t)
         self.op_kwargs = _ops.serving(p.scheme).kwargs(p)
         if p.scheme.kernel_family != "int4":
-            self.cpu_path = "dequant"
-            self.cpu_fast_path_reason = f"{p.scheme.name}: no native kernel (dequantize + linear)"
+            reason = fp4_kernel_reason(p.dtype)
+            self.cpu_path = "native" if reason is None else "dequant"
+            self.cpu_fast_path_reason = None if reason is None else f"FP4 kernel: {reason}"
             return
         n, k = p.qweight.shape[-2], p.qweight.shape[-1] * 8
         self.cpu_path, self.cpu_fast_path_reason = cpu_path(

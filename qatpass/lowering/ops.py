@@ -18,8 +18,9 @@ launchers of `qatpass.kernels.triton` (imported there, lazily); CPU calls an opa
 native kernel, aten's int4 GEMM on a repack that package caches itself, or the fallback.
 torch.compile traces into the body (Inductor sees the Triton kernels), torch.export keeps the op
 as one node. The grouped CPU body loops over the experts present, which is data dependent, also
-opaque. The FP4 ops are `custom_op`s whose body is the scheme's dequantize + F.linear on every
-device (no native FP4 kernel yet), so they equal `F.linear(x, dequantize(p, x.dtype), bias)`.
+opaque. The FP4 ops are `custom_op`s: on CPU qatpass's FP4 kernel (`kernels.cpu.fp4_native`,
+AVX-512 table decode: x @ dequantize(p, float32).T in fp32) where it applies, else (and on
+CUDA) the scheme's dequantize + F.linear: `F.linear(x, dequantize(p, x.dtype), bias)`.
 Autograd: all ops differentiate with respect to x (dx = dy @ W, W dequantized in
 x's dtype) and bias; the packed weights are frozen buffers.
 """
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 from qatpass.kernels.cpu import grouped_linear as _cpu_grouped
 from qatpass.kernels.cpu import linear as _cpu_linear
+from qatpass.kernels.cpu.fp4_native import fp4_native_linear
 from qatpass.kernels.cpu.int4pack import dequant_weight
 from qatpass.packed_args import check_grouped_args, check_packed_args
 from qatpass.scheme import PackedWeight, QuantScheme, dequantize
@@ -288,7 +290,21 @@ def fp4_linear(
     p = _fp4_packed(qweight, scales, global_scale, fmt, x.dtype)
     if x.shape[-1] != p.shape[-1]:
         raise ValueError(f"fp4_linear: x has K={x.shape[-1]}, qweight holds K={p.shape[-1]}")
-    return F.linear(x, dequantize(p, x.dtype), bias)
+    return _fp4_matmul(x, p, bias)
+
+
+def _fp4_matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] @ W.T (+ bias): the CPU FP4 kernel where it applies, else dequantize + linear."""
+    y = None
+    if x.device.type == "cpu" and p.qweight.dim() == 2:
+        y = fp4_native_linear(
+            x.reshape(-1, x.shape[-1]), p.qweight, p.scales, p.global_scale, p.scheme.name
+        )
+    if y is None:
+        return F.linear(x, dequantize(p, x.dtype), bias)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
 @fp4_linear.register_fake
@@ -319,9 +335,8 @@ def fp4_grouped_linear(
         if not 0 <= e < p.shape[0]:
             raise ValueError(f"fp4_grouped_linear: expert id {e} out of range [0, {p.shape[0]})")
         rows = (expert_ids == e).nonzero().squeeze(-1)
-        w = dequantize(_expert(p, e), x.dtype)
         b = None if bias is None else bias[e]
-        out.index_copy_(0, rows, F.linear(x.index_select(0, rows), w, b))
+        out.index_copy_(0, rows, _fp4_matmul(x.index_select(0, rows), _expert(p, e), b))
     return out
 
 
