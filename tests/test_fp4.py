@@ -523,3 +523,24 @@ def test_cpu_kernel_is_x_at_dequantized_weight(fmt, dtype, m):
     ref = F.linear(x3.float(), dequantize(p, F32), bias.float()).to(dtype)
     assert got.dtype == dtype and got.shape == (2, m, 40)
     torch.testing.assert_close(got, ref, **ACCUM[dtype])
+
+
+@pytest.mark.parametrize("fmt", list(SCHEMES))
+def test_triton_kernel_is_x_at_dequantized_weight(fmt):
+    """The Triton FP4 kernel (interpreter on CPU, as conftest sets) == x @ dequantize(p).T."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device or TRITON_INTERPRET=1")
+    from qatpass.kernels.triton.fp4 import fp4_matmul
+
+    device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    s = SCHEMES[fmt]
+    w = weights(5, 40, 96, 0, zero_block=True)  # N, K not multiples of the tiles
+    p = quantize(w, s)
+    for m, dtype in ((1, F32), (5, torch.bfloat16)):
+        x = torch.randn(m, 96).to(dtype)
+        gs = None if p.global_scale is None else p.global_scale.to(device)
+        y = fp4_matmul(x.to(device), p.qweight.to(device), p.scales.to(device), gs, fmt)
+        want = x.double() @ dequantize(p, F32).double().t()
+        torch.testing.assert_close(y.cpu().double(), want, rtol=1e-5, atol=1e-5)

@@ -19,8 +19,9 @@ native kernel, aten's int4 GEMM on a repack that package caches itself, or the f
 torch.compile traces into the body (Inductor sees the Triton kernels), torch.export keeps the op
 as one node. The grouped CPU body loops over the experts present, which is data dependent, also
 opaque. The FP4 ops are `custom_op`s: on CPU qatpass's FP4 kernel (`kernels.cpu.fp4_native`,
-AVX-512 table decode: x @ dequantize(p, float32).T in fp32) where it applies, else (and on
-CUDA) the scheme's dequantize + F.linear: `F.linear(x, dequantize(p, x.dtype), bias)`.
+AVX-512 table decode) where it applies, on CUDA the Triton kernel (`kernels.triton.fp4`), both
+x @ dequantize(p, float32).T in fp32; else the scheme's dequantize + F.linear,
+`F.linear(x, dequantize(p, x.dtype), bias)`.
 Autograd: all ops differentiate with respect to x (dx = dy @ W, W dequantized in
 x's dtype) and bias; the packed weights are frozen buffers.
 """
@@ -294,12 +295,16 @@ def fp4_linear(
 
 
 def _fp4_matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] @ W.T (+ bias): the CPU FP4 kernel where it applies, else dequantize + linear."""
+    """x [..., K] @ W.T (+ bias): the CPU FP4 kernel where it applies, the Triton one on CUDA,
+    else dequantize + linear."""
     y = None
+    x2d = x.reshape(-1, x.shape[-1])
     if x.device.type == "cpu" and p.qweight.dim() == 2:
-        y = fp4_native_linear(
-            x.reshape(-1, x.shape[-1]), p.qweight, p.scales, p.global_scale, p.scheme.name
-        )
+        y = fp4_native_linear(x2d, p.qweight, p.scales, p.global_scale, p.scheme.name)
+    elif x.device.type == "cuda" and p.qweight.dim() == 2:
+        from qatpass.kernels.triton.fp4 import fp4_matmul
+
+        y = fp4_matmul(x2d, p.qweight, p.scales, p.global_scale, p.scheme.name)
     if y is None:
         return F.linear(x, dequantize(p, x.dtype), bias)
     if bias is not None:
