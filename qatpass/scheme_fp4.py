@@ -75,6 +75,14 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     return torch.where((codes & 8) != 0, -mag, mag)
 
 
+def _decode_packed(qweight: torch.Tensor) -> torch.Tensor:
+    """fp32 values [..., K] of int32 packed codes [..., K/8]: one lookup per byte (two codes)."""
+    pairs = e2m1_decode(unpack_nibbles(torch.arange(256, dtype=torch.uint8).view(torch.int32)))
+    table = pairs.to(qweight.device).reshape(256, 2)  # byte b -> (code b & 15, code b >> 4)
+    byte = qweight.contiguous().reshape(-1).view(torch.uint8).reshape(*qweight.shape[:-1], -1)
+    return table[byte.int()].flatten(-2)
+
+
 def e4m3_round(v: torch.Tensor) -> torch.Tensor:
     """fp32 v in [2**-9, 448] rounded to the nearest FP8 E4M3 value (ties to even), as fp32.
 
@@ -232,9 +240,9 @@ class Fp4Scheme(QuantScheme):
         return _e8m0_value(p.scales.to(torch.int32) - E8M0_BIAS)
 
     def dequantize(self, p: PackedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
-        codes = unpack_nibbles(p.qweight)
+        values = _decode_packed(p.qweight)
         b = self.block_size
-        values = e2m1_decode(codes).reshape(*codes.shape[:-1], codes.shape[-1] // b, b)
+        values = values.reshape(*values.shape[:-1], values.shape[-1] // b, b)
         dq = values * self.element_scales(p).unsqueeze(-1)
         moved = list(p.shape)
         moved.append(moved.pop(p.dim))
