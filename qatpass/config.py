@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from qatpass.scheme import Int4Scheme, parse_scale_dtype
+from qatpass.scheme import Int4Scheme, QuantScheme, parse_scale_dtype, parse_scheme
 
 __all__ = ["QatConfig", "DEFAULT_EXCLUDE", "MODES", "COMPILERS"]
 
@@ -31,7 +31,7 @@ class QatConfig:
     `include` (when given) and matches no `exclude` pattern.
     """
 
-    scheme: Int4Scheme = field(default_factory=Int4Scheme)
+    scheme: QuantScheme = field(default_factory=Int4Scheme)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     mode: str = "train"
@@ -54,15 +54,21 @@ class QatConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {self.compiler!r}")
-        if not isinstance(self.scheme, Int4Scheme):
-            raise TypeError(f"scheme must be an Int4Scheme, got {type(self.scheme).__name__}")
+        if isinstance(self.scheme, (str, dict)):
+            object.__setattr__(self, "scheme", parse_scheme(self.scheme))
+        if not isinstance(self.scheme, QuantScheme):
+            raise TypeError(
+                "scheme must be a QuantScheme (Int4Scheme, Fp4Scheme) or one of 'int4', 'nvfp4', "
+                f"'mxfp4', got {type(self.scheme).__name__}"
+            )
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None = None, **kwargs: Any) -> QatConfig:
         """Build from a flat dict, as `torch.compile(..., options={...})` passes it.
 
-        Scheme fields (group_size, symmetric, qrange, scale_dtype) may be given flat; unknown keys
-        raise, so a typo never silently falls back to a default.
+        `scheme` is a scheme object or a name ("int4", "nvfp4", "mxfp4"); INT4 fields (group_size,
+        symmetric, qrange, scale_dtype) may be given flat; unknown keys raise, so a typo never
+        silently falls back to a default.
         """
         opts = {**(options or {}), **kwargs}
         known = {f.name for f in fields(cls)} | set(_SCHEME_KEYS)

@@ -1,7 +1,11 @@
-"""The INT4 quantization scheme: every formula qatpass uses, in one place.
+"""The quantization schemes' protocol and the INT4 scheme: every INT4 formula, in one place.
 
-`Int4Scheme` says how a weight is quantized; the functions below are the only implementation of
-that math. Fake quant (training), packing (serving), every kernel's reference and every exporter
+`QuantScheme` is what the pass, the plan, lowering, convert, the exporters and the diff take: a
+frozen object with a name, a block size along K and its own quantize / dequantize / fake quant.
+`Int4Scheme` (here) and `Fp4Scheme` (NVFP4, MXFP4: `qatpass.scheme_fp4`) implement it; the
+module-level `quantize`, `dequantize`, `check_quantizable`, `fake_quantize_values` take any
+scheme and call its methods. For INT4, `Int4Scheme` says how a weight is quantized; the
+functions below are the only implementation of that math. Fake quant (training), packing (serving), every kernel's reference and every exporter
 call them, so a model trained with fake quant is bit for bit the model that is served:
 
     fake_quantize(w, scheme) == dequantize(quantize(w, scheme))      # exactly, every dtype
@@ -27,7 +31,12 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = [
+    "QuantScheme",
     "Int4Scheme",
+    "parse_scheme",
+    "scheme_from_dict",
+    "pack_nibbles",
+    "unpack_nibbles",
     "PackedWeight",
     "round_to_dtype",
     "compute_qparams",
@@ -49,9 +58,55 @@ _DICT_KEYS = ("group_size", "symmetric", "qrange", "scale_dtype")
 CODE_OFFSET = 8  # stored nibble = code + 8, so codes in [-8, 7] fit 0..15
 
 
+class QuantScheme:
+    """The protocol every scheme implements (subclasses are frozen dataclasses).
+
+    - `name` ("int4", "nvfp4", "mxfp4") and `kernel_family` (which serving ops run it);
+    - `group_size_for(k)`: the block along K a scale covers; `check_quantizable(shape, dim)`;
+    - `fake_quantize_values(w, dim)` == `dequantize(quantize(w, dim))` bit for bit, no autograd;
+    - `quantize(w, dim) -> PackedWeight`, `dequantize(p, dtype) -> Tensor`;
+    - `fake_quant_op` (the `torch.ops.qatpass` op name) and `op_kwargs()` (its keyword arguments
+      besides `dim`), `to_dict()` / `from_dict()`, `bytes_per_weight(k)`.
+    """
+
+    name: str = ""
+    kernel_family: str = ""
+    fake_quant_op: str = ""
+
+    def group_size_for(self, k: int) -> int:
+        raise NotImplementedError
+
+    def check_quantizable(self, shape: torch.Size | tuple[int, ...], dim: int) -> str | None:
+        raise NotImplementedError
+
+    def fake_quantize_values(self, w: torch.Tensor, dim: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def quantize(self, w: torch.Tensor, dim: int) -> PackedWeight:
+        raise NotImplementedError
+
+    def dequantize(self, p: PackedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def op_kwargs(self) -> dict:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    def bytes_per_weight(self, k: int) -> float:
+        """Stored bytes per weight for a reduction dim of length k (codes, scales, zero points,
+        the per-tensor scale not counted)."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class Int4Scheme:
+class Int4Scheme(QuantScheme):
     """How weights are quantized to INT4. Frozen, hashable, validated on construction."""
+
+    name = "int4"
+    kernel_family = "int4"
+    fake_quant_op = "fake_quantize_int4"
 
     group_size: int = 32
     symmetric: bool = True
@@ -124,6 +179,61 @@ class Int4Scheme:
             scale_dtype=parse_scale_dtype(d.get("scale_dtype", "bfloat16")),
         )
 
+    # --- the QuantScheme protocol: the INT4 functions below -----------------------------
+
+    def check_quantizable(self, shape: torch.Size | tuple[int, ...], dim: int) -> str | None:
+        return _int4_check_quantizable(shape, dim, self)
+
+    def fake_quantize_values(self, w: torch.Tensor, dim: int) -> torch.Tensor:
+        return _int4_fake_quantize_values(w, self, dim)
+
+    def quantize(self, w: torch.Tensor, dim: int) -> PackedWeight:
+        return _int4_quantize(w, self, dim)
+
+    def dequantize(self, p: PackedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return _int4_dequantize(p, dtype)
+
+    def op_kwargs(self) -> dict:
+        return {
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "qmin": self.qmin,
+            "qmax": self.qmax,
+            "scale_dtype": self.scale_dtype,
+        }
+
+    def bytes_per_weight(self, k: int) -> float:
+        g = self.group_size_for(k)
+        per_group = torch.finfo(self.scale_dtype).bits // 8 + (0 if self.symmetric else 1)
+        return 0.5 + per_group / g
+
+
+def scheme_from_dict(d: dict) -> QuantScheme:
+    """The scheme a `to_dict()` dict describes: FP4 dicts carry "format", INT4 dicts do not."""
+    if isinstance(d, dict) and "format" in d:
+        from qatpass.scheme_fp4 import Fp4Scheme
+
+        return Fp4Scheme.from_dict(d)
+    return Int4Scheme.from_dict(d)
+
+
+def parse_scheme(value: str | dict | QuantScheme, name: str = "scheme") -> QuantScheme:
+    """A scheme from an object, a `to_dict()` dict or a name: "int4", "nvfp4", "mxfp4"."""
+    if isinstance(value, QuantScheme):
+        return value
+    if isinstance(value, dict):
+        return scheme_from_dict(value)
+    if value == "int4":
+        return Int4Scheme()
+    if value in ("nvfp4", "mxfp4"):
+        from qatpass.scheme_fp4 import Fp4Scheme
+
+        return Fp4Scheme(value)
+    raise ValueError(
+        f"{name} must be a scheme object, a scheme dict or one of 'int4', 'nvfp4', 'mxfp4', "
+        f"got {value!r}"
+    )
+
 
 def parse_scale_dtype(value: str | torch.dtype, name: str = "scale_dtype") -> torch.dtype:
     """The torch dtype a scale_dtype names: "float32", "bfloat16", "float16" (or the dtype)."""
@@ -148,9 +258,15 @@ def check_dim(w: torch.Tensor, dim: int) -> int:
 
 
 def check_quantizable(
-    shape: torch.Size | tuple[int, ...], dim: int, scheme: Int4Scheme
+    shape: torch.Size | tuple[int, ...], dim: int, scheme: QuantScheme
 ) -> str | None:
     """Why a weight of this shape cannot be quantized along `dim`, or None when it can."""
+    return scheme.check_quantizable(shape, dim)
+
+
+def _int4_check_quantizable(
+    shape: torch.Size | tuple[int, ...], dim: int, scheme: Int4Scheme
+) -> str | None:
     if len(shape) < 2:
         return f"a {len(shape)}-d tensor is not a matmul weight"
     k = shape[dim]
@@ -166,7 +282,7 @@ def check_quantizable(
 
 def _grouped(w: torch.Tensor, dim: int, scheme: Int4Scheme) -> torch.Tensor:
     """fp32 view of w with the reduction dim last, split into groups: [..., K/G, G]."""
-    reason = check_quantizable(w.shape, dim, scheme)
+    reason = scheme.check_quantizable(w.shape, dim)
     if reason is not None:
         raise ValueError(f"cannot quantize weight of shape {tuple(w.shape)}: {reason}")
     x = w.movedim(dim, -1).to(torch.float32)
@@ -249,9 +365,12 @@ def dequantize_codes(
     return c * scales.float().unsqueeze(-1)
 
 
-def fake_quantize_values(w: torch.Tensor, scheme: Int4Scheme, dim: int = -1) -> torch.Tensor:
+def fake_quantize_values(w: torch.Tensor, scheme: QuantScheme, dim: int = -1) -> torch.Tensor:
     """dequantize(quantize(w)) computed without packing; same shape and dtype as w. No autograd."""
-    dim = check_dim(w, dim)
+    return scheme.fake_quantize_values(w, check_dim(w, dim))
+
+
+def _int4_fake_quantize_values(w: torch.Tensor, scheme: Int4Scheme, dim: int) -> torch.Tensor:
     groups = _grouped(w, dim, scheme)
     scales, zeros = compute_qparams(groups, scheme)
     codes = quantize_codes(groups, scales, zeros, scheme, w.dtype)
@@ -260,32 +379,43 @@ def fake_quantize_values(w: torch.Tensor, scheme: Int4Scheme, dim: int = -1) -> 
     return dq.reshape(moved).to(w.dtype).movedim(-1, dim)
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Pack integer codes [..., K] in [-8, 7] to int32 [..., K/8], low nibble = lower k."""
-    if codes.shape[-1] % 8:
-        raise ValueError(f"last dim {codes.shape[-1]} is not divisible by 8")
-    u = (codes.to(torch.int16) + CODE_OFFSET).to(torch.uint8)
+def pack_nibbles(u: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit values [..., K] (uint8, 0..15) to int32 [..., K/8], low nibble = lower k."""
+    if u.shape[-1] % 8:
+        raise ValueError(f"last dim {u.shape[-1]} is not divisible by 8")
     byte = u[..., 0::2] | (u[..., 1::2] << 4)
     # through 1-d: a dtype view needs plain strides, which contiguous() leaves alone on size-1 dims
     return byte.contiguous().reshape(-1).view(torch.int32).reshape(*byte.shape[:-1], -1)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_int4: int32 [..., K/8] -> int8 codes [..., K] in [-8, 7]."""
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_nibbles: int32 [..., K/8] -> uint8 [..., K] in 0..15."""
     if packed.dtype != torch.int32:
         raise TypeError(f"packed weights must be int32, got {packed.dtype}")
     byte = packed.contiguous().reshape(-1).view(torch.uint8).reshape(*packed.shape[:-1], -1)
-    lo = (byte & 0xF).to(torch.int8)
-    hi = (byte >> 4).to(torch.int8)
-    return torch.stack((lo, hi), dim=-1).flatten(-2) - CODE_OFFSET
+    return torch.stack((byte & 0xF, byte >> 4), dim=-1).flatten(-2)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack integer codes [..., K] in [-8, 7] to int32 [..., K/8], low nibble = lower k."""
+    if codes.shape[-1] % 8:
+        raise ValueError(f"last dim {codes.shape[-1]} is not divisible by 8")
+    return pack_nibbles((codes.to(torch.int16) + CODE_OFFSET).to(torch.uint8))
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: int32 [..., K/8] -> int8 codes [..., K] in [-8, 7]."""
+    return unpack_nibbles(packed).to(torch.int8) - CODE_OFFSET
 
 
 @dataclass
 class PackedWeight:
     """A weight in the canonical packed format.
 
-    qweight: int32 [..., N, K/8]; scales: scale_dtype [..., N, K/G]; zeros: int8 [..., N, K/G]
-    (asymmetric only). `shape`/`dim`/`dtype` describe the original tensor: K = shape[dim].
+    qweight: int32 [..., N, K/8] (4-bit codes, low nibble first); scales [..., N, K/G] in the
+    scheme's scale storage dtype; zeros: int8 [..., N, K/G] (INT4 asymmetric only); global_scale:
+    fp32 [...] (NVFP4 only: one per matrix, so [E] for experts). `shape`/`dim`/`dtype` describe
+    the original tensor: K = shape[dim].
     """
 
     qweight: torch.Tensor
@@ -294,15 +424,24 @@ class PackedWeight:
     shape: torch.Size
     dim: int
     dtype: torch.dtype
-    scheme: Int4Scheme = field(default_factory=Int4Scheme)
+    scheme: QuantScheme = field(default_factory=Int4Scheme)
+    global_scale: torch.Tensor | None = None
 
     @property
     def group_size(self) -> int:
         return self.scheme.group_size_for(self.shape[self.dim])
 
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        """The packed tensors by field name (None where the scheme has none)."""
+        return {
+            "qweight": self.qweight,
+            "scales": self.scales,
+            "zeros": self.zeros,
+            "global_scale": self.global_scale,
+        }
+
     def nbytes(self) -> int:
-        zeros = 0 if self.zeros is None else self.zeros.numel() * self.zeros.element_size()
-        return self.qweight.numel() * 4 + self.scales.numel() * self.scales.element_size() + zeros
+        return sum(t.numel() * t.element_size() for t in self.tensors().values() if t is not None)
 
 
 def _check_scalable(groups: torch.Tensor, shape: torch.Size, scheme: Int4Scheme) -> None:
@@ -326,7 +465,7 @@ def _check_scalable(groups: torch.Tensor, shape: torch.Size, scheme: Int4Scheme)
         )
 
 
-def quantize(w: torch.Tensor, scheme: Int4Scheme | None = None, dim: int = -1) -> PackedWeight:
+def quantize(w: torch.Tensor, scheme: QuantScheme | None = None, dim: int = -1) -> PackedWeight:
     """Quantize and pack w along its reduction dim `dim` (last by default, as for nn.Linear)."""
     scheme = scheme or Int4Scheme()
     if w.dtype not in _FLOAT_DTYPES:
@@ -335,7 +474,10 @@ def quantize(w: torch.Tensor, scheme: Int4Scheme | None = None, dim: int = -1) -
     if not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"weight of shape {tuple(w.shape)} has {bad} non-finite values (NaN/Inf)")
-    dim = check_dim(w, dim)
+    return scheme.quantize(w, check_dim(w, dim))
+
+
+def _int4_quantize(w: torch.Tensor, scheme: Int4Scheme, dim: int) -> PackedWeight:
     groups = _grouped(w, dim, scheme)
     _check_scalable(groups, w.shape, scheme)
     scales, zeros = compute_qparams(groups, scheme)
@@ -354,6 +496,10 @@ def quantize(w: torch.Tensor, scheme: Int4Scheme | None = None, dim: int = -1) -
 
 def dequantize(p: PackedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The weight a packed weight stands for, in its original shape and dtype (or `dtype`)."""
+    return p.scheme.dequantize(p, dtype)
+
+
+def _int4_dequantize(p: PackedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
     codes = unpack_int4(p.qweight)
     g = p.group_size
     codes = codes.reshape(*codes.shape[:-1], codes.shape[-1] // g, g)

@@ -189,7 +189,7 @@ def test_refusals():
     model = nn.Sequential(nn.Linear(64, 32))
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         convert("model")
-    with pytest.raises(TypeError, match="scheme must be an Int4Scheme"):
+    with pytest.raises(TypeError, match="scheme must be a QuantScheme"):
         convert(model, scheme={"group_size": 32})
     bad = nn.Sequential(nn.Linear(64, 32))
     with torch.no_grad():

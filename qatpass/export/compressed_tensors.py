@@ -11,6 +11,13 @@ serving engines load: `<experts>.<e>.gate_proj|up_proj|down_proj.*`; the fused `
 [E, 2I, H]` is `cat([gate_proj, up_proj], dim=1)` (transformers' conversion mapping), so it is
 split at row I. Splitting packed rows is exact: groups run along K, never across rows.
 
+FP4 schemes write compressed-tensors' own FP4 formats instead (checked against its 0.20.1
+decompressor, bit for bit): `nvfp4-pack-quantized` (`weight_packed` uint8 [N, K/2], the same
+nibbles; `weight_scale` float8_e4m3fn [N, K/16]; `weight_global_scale` fp32 [1], the element
+scale being weight_scale / weight_global_scale) and `mxfp4-pack-quantized` (`weight_packed`;
+`weight_scale` uint8 [N, K/32], E8M0 exponents biased by 127). No `weight_shape`: K = 2 *
+weight_packed columns.
+
 Scale convention: scales are stored, so any reader dequantizes `(code - zero) * scale` to the same
 values whatever the qrange was; the qatpass scheme (qrange (-7, 7): scale = amax / 7) is recorded
 under `quantization_config["qatpass"]` and used on load.
@@ -32,7 +39,15 @@ from qatpass.config import QatConfig
 from qatpass.export.safetensors_io import atomic_dir, read_tensors, write_shards
 from qatpass.export.weights import ModelWeights, PackedEntry, collect_weights, drop_tied
 from qatpass.passes.plan import EXPERT_PARAM_NAMES, QuantPlan, is_conv1d, is_experts_module
-from qatpass.scheme import CODE_OFFSET, Int4Scheme, PackedWeight, pack_int4, unpack_int4
+from qatpass.scheme import (
+    CODE_OFFSET,
+    Int4Scheme,
+    PackedWeight,
+    QuantScheme,
+    pack_int4,
+    unpack_int4,
+)
+from qatpass.scheme_fp4 import Fp4Scheme
 
 __all__ = [
     "save_compressed_tensors",
@@ -47,7 +62,14 @@ __all__ = [
 FORMAT = "pack-quantized"
 QUANT_METHOD = "compressed-tensors"
 QATPASS_KEY = "qatpass"
-_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+_SUFFIXES = (
+    "weight_packed",
+    "weight_scale",
+    "weight_shape",
+    "weight_zero_point",
+    "weight_global_scale",
+)
+FP4_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 
 
 # ----------------------------------------------------------------------------- zero points
@@ -94,17 +116,35 @@ def _module_tensors(name: str, qweight, scales, zeros, k: int) -> dict[str, torc
     return out
 
 
+def _fp4_module_tensors(name: str, qweight, scales, global_scale) -> dict[str, torch.Tensor]:
+    # the int32 words' bytes are the nibbles in k order: compressed-tensors' uint8 [N, K/2]
+    out = {
+        f"{name}.weight_packed": qweight.contiguous().view(torch.uint8).clone(),
+        f"{name}.weight_scale": scales.contiguous().clone(),
+    }
+    if global_scale is not None:
+        out[f"{name}.weight_global_scale"] = global_scale.reshape(1).float().clone()
+    return out
+
+
 def _entry_tensors(entry: PackedEntry) -> dict[str, torch.Tensor]:
     p = entry.packed
     k = p.shape[p.dim]
+    fp4 = isinstance(p.scheme, Fp4Scheme)
+
+    def tensors(name: str, lead: tuple, rows: slice) -> dict[str, torch.Tensor]:
+        if fp4:
+            gs = None if p.global_scale is None else p.global_scale[lead]
+            return _fp4_module_tensors(name, p.qweight[lead][rows], p.scales[lead][rows], gs)
+        zeros = None if p.zeros is None else p.zeros[lead][rows]
+        return _module_tensors(name, p.qweight[lead][rows], p.scales[lead][rows], zeros, k)
+
     if entry.kind == "linear":
-        return _module_tensors(entry.module_name, p.qweight, p.scales, p.zeros, k)
+        return tensors(entry.module_name, (), slice(None))
     out: dict[str, torch.Tensor] = {}
     for e in range(p.qweight.shape[0]):
         for proj, rows in _expert_parts(entry.attr, p):
-            zeros = None if p.zeros is None else p.zeros[e, rows]
-            name = f"{entry.module_name}.{e}.{proj}"
-            out |= _module_tensors(name, p.qweight[e, rows], p.scales[e, rows], zeros, k)
+            out |= tensors(f"{entry.module_name}.{e}.{proj}", (e,), rows)
     return out
 
 
@@ -131,8 +171,29 @@ def packed_state_dict(model: nn.Module, config: QatConfig | None = None) -> dict
 # ----------------------------------------------------------------------------- config
 
 
-def quantization_config(scheme: Int4Scheme, ignore: list[str]) -> dict[str, Any]:
+def _fp4_weights(scheme: Fp4Scheme) -> dict[str, Any]:
+    """compressed-tensors' NVFP4A16 / MXFP4A16 weight args (as its presets serialize them)."""
+    nv = scheme.format == "nvfp4"
+    return {
+        "num_bits": 4,
+        "type": "float",
+        "symmetric": True,
+        "group_size": scheme.block_size,
+        "strategy": "tensor_group" if nv else "group",
+        "dynamic": False,
+        "scale_dtype": "torch.float8_e4m3fn" if nv else "torch.uint8",
+        "zp_dtype": "torch.float8_e4m3fn" if nv else "torch.uint8",
+        "actorder": None,
+        "block_structure": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
+
+
+def quantization_config(scheme: QuantScheme, ignore: list[str]) -> dict[str, Any]:
     """The `quantization_config` entry of config.json for a qatpass scheme."""
+    if isinstance(scheme, Fp4Scheme):
+        return _config_dict(FP4_FORMATS[scheme.format], _fp4_weights(scheme), scheme, ignore)
     per_channel = scheme.group_size == -1
     weights = {
         "num_bits": 4,
@@ -146,9 +207,13 @@ def quantization_config(scheme: Int4Scheme, ignore: list[str]) -> dict[str, Any]
         "observer": "minmax",
         "observer_kwargs": {},
     }
+    return _config_dict(FORMAT, weights, scheme, ignore)
+
+
+def _config_dict(fmt: str, weights: dict, scheme: QuantScheme, ignore: list[str]) -> dict:
     return {
         "quant_method": QUANT_METHOD,
-        "format": FORMAT,
+        "format": fmt,
         "quantization_status": "compressed",
         "config_groups": {
             "group_0": {
@@ -156,7 +221,7 @@ def quantization_config(scheme: Int4Scheme, ignore: list[str]) -> dict[str, Any]
                 "weights": weights,
                 "input_activations": None,
                 "output_activations": None,
-                "format": FORMAT,
+                "format": fmt,
             }
         },
         "ignore": list(ignore),
@@ -182,14 +247,19 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
     return d
 
 
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    # isfinite has no float8 kernel: FP8 values are finite exactly when their float32 values are
+    return torch.isfinite(t.float() if t.element_size() == 1 else t)
+
+
 def _check_finite(model: nn.Module) -> None:
     """Refuse a model with a NaN/Inf in any float parameter or buffer, naming the first one."""
     if not isinstance(model, nn.Module):
         return  # collect_weights says what is wrong
     named = [*model.named_parameters(remove_duplicate=True), *model.named_buffers()]
     for name, t in named:
-        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
+        if t.is_floating_point() and t.device.type != "meta" and not bool(_finite(t).all()):
+            bad = int((~_finite(t)).sum())
             raise ValueError(
                 f"{name} (shape {list(t.shape)}) has {bad} non-finite values (NaN/Inf); "
                 "nothing is exported"
@@ -253,10 +323,37 @@ def _read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def _scheme_from(qc: Any, where: Path, scale_dtype: torch.dtype | None) -> Int4Scheme:
+def _fp4_scheme_from(qc: dict, where: Path, scale_dtype: torch.dtype | None) -> Fp4Scheme:
+    """The FP4 scheme of an `nvfp4-pack-quantized` / `mxfp4-pack-quantized` config."""
+    fmt = next(f for f, name in FP4_FORMATS.items() if name == qc.get("format"))
+    scheme = Fp4Scheme(fmt)
+    groups = qc.get("config_groups") or {}
+    if len(groups) != 1:
+        raise ValueError(f"{where}: expected exactly one config group, got {len(groups)}")
+    (group,) = groups.values()
+    w = group.get("weights") or {}
+    want = (4, "float", scheme.block_size, True)
+    got = (w.get("num_bits"), w.get("type"), w.get("group_size"), w.get("symmetric", True))
+    if got != want:
+        raise ValueError(
+            f"{where}: {fmt} weights must be (num_bits, type, group_size, symmetric) = {want}, "
+            f"got {got}"
+        )
+    if group.get("input_activations") is not None:
+        raise ValueError(f"{where}: activation quantization is not supported (W4A16 only)")
+    if scale_dtype is not None and scale_dtype != scheme.scale_dtype:
+        raise ValueError(
+            f"{where}: {fmt} weight_scale tensors must be {scheme.scale_dtype}, got {scale_dtype}"
+        )
+    return scheme
+
+
+def _scheme_from(qc: Any, where: Path, scale_dtype: torch.dtype | None) -> QuantScheme:
     """The qatpass scheme a quantization_config describes; refuses what qatpass cannot run."""
     if not isinstance(qc, dict):
         raise ValueError(f"{where} has no quantization_config")
+    if qc.get("quant_method") == QUANT_METHOD and qc.get("format") in FP4_FORMATS.values():
+        return _fp4_scheme_from(qc, where, scale_dtype)
     if qc.get("quant_method") != QUANT_METHOD or qc.get("format") != FORMAT:
         raise ValueError(
             f"{where}: quantization_config is {qc.get('quant_method')!r}/{qc.get('format')!r}, "
@@ -316,8 +413,42 @@ def _split_name(name: str) -> tuple[str, str]:
     return module, suffix
 
 
-def _check_module(module: str, parts: dict[str, torch.Tensor], scheme: Int4Scheme) -> int:
+def _check_fp4_module(module: str, parts: dict[str, torch.Tensor], scheme: Fp4Scheme) -> int:
+    """Validate one FP4 module's tensors against each other and the scheme; return K."""
+    need = ("weight_packed", "weight_scale") + (
+        ("weight_global_scale",) if scheme.has_global_scale else ()
+    )
+    for suffix in need:
+        if suffix not in parts:
+            raise ValueError(f"{module}: {suffix} is missing from the checkpoint")
+    extra = sorted(set(parts) - set(need))
+    if extra:
+        raise ValueError(f"{module}: {extra} have no meaning in {scheme.format}")
+    packed, scales = parts["weight_packed"], parts["weight_scale"]
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(
+            f"{module}.weight_packed must be uint8 [N, K/2], got {packed.dtype} {list(packed.shape)}"
+        )
+    n, k = packed.shape[0], 2 * packed.shape[1]
+    b = scheme.block_size
+    if k % b or scales.dtype != scheme.scale_dtype or tuple(scales.shape) != (n, k // b):
+        raise ValueError(
+            f"{module}.weight_scale must be {scheme.scale_dtype} [{n}, {k // b}] for K={k} "
+            f"(a multiple of {b}), got {scales.dtype} {list(scales.shape)}"
+        )
+    if scheme.has_global_scale:
+        gs = parts["weight_global_scale"]
+        if gs.dtype != torch.float32 or gs.numel() != 1 or not bool(torch.isfinite(gs).all()):
+            raise ValueError(f"{module}.weight_global_scale must be one finite float32 value")
+        if float(gs) <= 0:
+            raise ValueError(f"{module}.weight_global_scale must be positive, got {float(gs)}")
+    return k
+
+
+def _check_module(module: str, parts: dict[str, torch.Tensor], scheme: QuantScheme) -> int:
     """Validate one module's packed tensors against each other and the scheme; return K."""
+    if isinstance(scheme, Fp4Scheme):
+        return _check_fp4_module(module, parts, scheme)
     for suffix in ("weight_packed", "weight_scale", "weight_shape"):
         if suffix not in parts:
             raise ValueError(f"{module}: {suffix} is missing from the checkpoint")
@@ -358,7 +489,13 @@ def _check_module(module: str, parts: dict[str, torch.Tensor], scheme: Int4Schem
 
 
 def _check_scale_values(fpath: Path, name: str, scales: torch.Tensor) -> None:
-    """Scales must be finite and positive: anything else dequantizes to wrong, finite logits."""
+    """Scales must be finite and positive: anything else dequantizes to wrong, finite logits.
+
+    (MXFP4's uint8 E8M0 exponents are checked for 255, the format's NaN.)"""
+    if scales.dtype == torch.uint8:
+        if bool((scales == 255).any()):
+            raise ValueError(f"{fpath}: {name} has E8M0 exponents 255 (NaN)")
+        return
     if not scales.is_floating_point():
         raise ValueError(f"{fpath}: {name} must be a float tensor, got {scales.dtype}")
     s = scales.float()
@@ -372,7 +509,7 @@ def _check_scale_values(fpath: Path, name: str, scales: torch.Tensor) -> None:
 
 def read_checkpoint(
     path: str | os.PathLike,
-) -> tuple[dict[str, Any], Int4Scheme, dict[str, PackedWeight], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, Any], QuantScheme, dict[str, PackedWeight], dict[str, torch.Tensor]]:
     """(config.json, scheme, {module name: 2D PackedWeight}, {other tensors}) of a checkpoint.
 
     Every packed module is validated against config.json (shapes, dtypes, group size).
@@ -408,16 +545,14 @@ def read_checkpoint(
         }
         raise ValueError(f"{path}: weight_scale tensors have mixed dtypes, e.g. in {by_dtype}")
     scale_dtype = scale_dtypes.pop() if scale_dtypes else None
-    if scale_dtype is not None and scale_dtype not in (
-        torch.float32,
-        torch.bfloat16,
-        torch.float16,
-    ):
-        raise ValueError(f"{path}: weight_scale dtype {scale_dtype} is not a float type")
     scheme = _scheme_from(cfg.get("quantization_config"), path / "config.json", scale_dtype)
+    fp4 = isinstance(scheme, Fp4Scheme)
+    int4_scale_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    if not fp4 and scale_dtype is not None and scale_dtype not in int4_scale_dtypes:
+        raise ValueError(f"{path}: weight_scale dtype {scale_dtype} is not a float type")
     dtype = getattr(torch, str(cfg.get("dtype") or cfg.get("torch_dtype") or ""), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        dtype = scheme.scale_dtype
+        dtype = torch.bfloat16 if fp4 else scheme.scale_dtype
     packed: dict[str, PackedWeight] = {}
     for module, parts in modules.items():
         where = path / files[f"{module}.{next(iter(parts))}"]
@@ -426,6 +561,19 @@ def read_checkpoint(
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
         n = parts["weight_packed"].shape[0]
+        if fp4:
+            gs = parts.get("weight_global_scale")
+            packed[module] = PackedWeight(
+                qweight=parts["weight_packed"].contiguous().view(torch.int32),
+                scales=parts["weight_scale"],
+                zeros=None,
+                shape=torch.Size([n, k]),
+                dim=1,
+                dtype=dtype,
+                scheme=scheme,
+                global_scale=None if gs is None else gs.reshape(()),
+            )
+            continue
         zp = parts.get("weight_zero_point")
         packed[module] = PackedWeight(
             qweight=parts["weight_packed"],
@@ -556,6 +704,15 @@ def _gather(
         zeros = None
         if rows[0][0].zeros is not None:
             zeros = torch.stack([torch.cat([p.zeros for p in r]) for r in rows])
+        global_scale = None
+        if rows[0][0].global_scale is not None:
+            for e, r in enumerate(rows):
+                if len({float(p.global_scale) for p in r}) != 1:
+                    raise ValueError(
+                        f"{mname}.{attr}: expert {e}'s {order} have different "
+                        "weight_global_scale values; qatpass packs them as one matrix"
+                    )
+            global_scale = torch.stack([r[0].global_scale for r in rows])
         dim = 1 if getattr(modules[mname], "is_transposed", False) else 2
         n_k = (w.shape[2], w.shape[1]) if dim == 1 else (w.shape[1], w.shape[2])
         if tuple(qweight.shape[1:]) != (n_k[0], n_k[1] // 8):
@@ -566,13 +723,15 @@ def _gather(
         p0 = rows[0][0]
         out[(mname, attr)] = (
             "experts",
-            PackedWeight(qweight, scales, zeros, w.shape, dim, w.dtype, p0.scheme),
+            PackedWeight(qweight, scales, zeros, w.shape, dim, w.dtype, p0.scheme, global_scale),
         )
     return out
 
 
 def _with(p: PackedWeight, shape, dim: int, dtype: torch.dtype) -> PackedWeight:
-    return PackedWeight(p.qweight, p.scales, p.zeros, torch.Size(shape), dim, dtype, p.scheme)
+    return PackedWeight(
+        p.qweight, p.scales, p.zeros, torch.Size(shape), dim, dtype, p.scheme, p.global_scale
+    )
 
 
 def load_compressed_tensors(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:

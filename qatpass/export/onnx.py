@@ -273,6 +273,22 @@ def _rename_dims(model, names: dict[str, str]) -> None:
             rename(value)
 
 
+def _refuse_fp4(qmodel: nn.Module) -> None:
+    """FP4 weights have no ONNX path onnxruntime runs: refuse them, naming why."""
+    from qatpass.lowering.convert import packed_tensors, packed_weights
+
+    schemes = {e.packed.scheme for e in packed_weights(qmodel)}
+    schemes |= {t.packed.scheme for _, _, t in packed_tensors(qmodel)}
+    fp4 = sorted(s.name for s in schemes if s.kernel_family != "int4")
+    if fp4:
+        raise ValueError(
+            f"to_onnx: the model holds {'/'.join(fp4)} weights, and onnxruntime (1.32, CPU) "
+            "runs no FP4 ONNX graph: it has no kernel for Cast or DequantizeLinear from the "
+            "standard FLOAT4E2M1 type (opset 23+) and MatMulNBits is integer only. Export FP4 "
+            "models as compressed-tensors (save_compressed_tensors) or torch.export (to_pt2)."
+        )
+
+
 def to_onnx(
     qmodel: nn.Module,
     example_inputs: Any,
@@ -293,7 +309,8 @@ def to_onnx(
     `last_hidden_state`, ...; `output` for a plain tensor) unless `output_names`.
     `dynamic_axes`: None gives every input a dynamic batch dim and token-like inputs a dynamic
     sequence dim (`decoder_*` inputs their own); a tuple of dims (0, 1) applies to every input,
-    () exports static shapes. Returns the path written. Raises when the model has no W4A16 op.
+    () exports static shapes. Returns the path written. Raises when the model has no W4A16 op,
+    and for FP4 (NVFP4, MXFP4) weights, which onnxruntime cannot run (see `_refuse_fp4`).
     """
     import onnx
 
@@ -302,6 +319,7 @@ def to_onnx(
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give a .onnx file path")
+    _refuse_fp4(qmodel)
     call = export_call(qmodel, example_inputs, dynamic_axes)
     register_matmul_nbits_schema()
     table = _translations() | dict(extra_translations or {})

@@ -14,7 +14,7 @@ import re
 from html import escape
 from typing import TYPE_CHECKING
 
-from qatpass.graph_diff.formatting import format_db, format_err
+from qatpass.graph_diff.formatting import format_db, format_err, scheme_items
 
 if TYPE_CHECKING:  # the report renders itself through this module: no import back at run time
     from qatpass.graph_diff.report import DiffReport, GraphDiff
@@ -87,10 +87,7 @@ def _summary(r: DiffReport) -> str:
     s = r.config["scheme"]
     items = [
         f"mode <b>{escape(r.config['mode'])}</b>",
-        f"group_size <b>{s['group_size']}</b>",
-        "symmetric" if s["symmetric"] else "asymmetric",
-        f"qrange {escape(str(tuple(s['qrange'])))}",
-        f"scales {escape(s['scale_dtype'])}",
+        *(escape(item) for item in scheme_items(s)),
         f"<b>{len(r.graphs)}</b> graph(s)",
         f"<b>{r.graph_break_count}</b> graph break(s)",
         f"<b>{len(r.quantized_names)}</b> quantized parameter(s)",

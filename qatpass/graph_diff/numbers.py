@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_map
 from qatpass.fake_quant import fake_quantize
 from qatpass.graph_diff.capture import call_model
 from qatpass.report import QuantizedParam
-from qatpass.scheme import Int4Scheme, PackedWeight, dequantize, quantize
+from qatpass.scheme import PackedWeight, QuantScheme, dequantize, quantize
 
 __all__ = ["LayerNumbers", "sqnr_db", "real_path", "real_linear", "layer_numbers"]
 
@@ -102,6 +102,13 @@ def real_linear(
     converted model would be (`kernels.cpu.cpu_path`); and what runs."""
     if path != KERNEL_PATH:
         return lambda x: F.linear(x, dequantize(packed, x.dtype), bias), DEQUANT_PATH
+    if packed.scheme.kernel_family != "int4":  # FP4: its serving op, dequantize + linear inside
+        from qatpass.lowering.ops import serving
+
+        s = serving(packed.scheme)
+        a, b, c = (getattr(packed, t) for t in s.tensors)
+        kwargs = s.kwargs(packed)
+        return lambda x: s.linear_op(x, a, b, c, bias, **kwargs), f"qatpass::fp4_linear ({kwargs})"
     g = packed.group_size
     if like.device.type == "cuda":
         how = "triton (CUDA)"
@@ -210,7 +217,7 @@ def _module_outputs(row, calls, module, attr, fq) -> None:
 
 
 def layer_numbers(
-    model: nn.Module, quantized: Iterable[QuantizedParam], scheme: Int4Scheme, example_inputs
+    model: nn.Module, quantized: Iterable[QuantizedParam], scheme: QuantScheme, example_inputs
 ) -> tuple[list[LayerNumbers], str]:
     """Numbers for each quantized parameter (once per fqn), worst first; and the real path's label."""
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qatpass.graph_diff.capture import GraphBreak
-from qatpass.graph_diff.formatting import format_db, format_err
+from qatpass.graph_diff.formatting import format_db, format_err, scheme_items
 from qatpass.graph_diff.numbers import LayerNumbers
 from qatpass.graph_diff.structure import NodeChange
 from qatpass.report import QuantizedParam, SkippedParam
@@ -231,9 +231,7 @@ def _text(report: DiffReport) -> str:
     c = report.config
     s = c["scheme"]
     lines = [
-        f"qatpass diff: mode {c['mode']}, group_size {s['group_size']}, "
-        f"{'symmetric' if s['symmetric'] else 'asymmetric'}, qrange {tuple(s['qrange'])}, "
-        f"scales {s['scale_dtype']}",
+        f"qatpass diff: mode {c['mode']}, " + ", ".join(scheme_items(s)),
         f"{len(report.graphs)} graph(s), {report.graph_break_count} graph break(s), "
         f"{len(report.quantized_names)} quantized parameter(s), "
         f"{len(report.skipped())} matmul weight(s) left alone",

@@ -1,4 +1,4 @@
-"""`convert`: a model with packed INT4 weights for serving; `refresh`: repack from new weights.
+"""`convert`: a model with packed 4-bit weights (INT4, NVFP4, MXFP4) for serving; `refresh`: repack from new weights.
 
     qmodel = qatpass.convert(model, plan=backend.plan)   # what training with that backend quantized
     qmodel = qatpass.convert(model, example_inputs)       # the plan found by tracing once
@@ -41,7 +41,7 @@ from qatpass.passes.plan import (
     plan_for,
     plan_from_facts,
 )
-from qatpass.scheme import Int4Scheme, PackedWeight, quantize
+from qatpass.scheme import PackedWeight, QuantScheme, parse_scheme, quantize
 
 __all__ = [
     "PackedModuleWeight",
@@ -76,7 +76,7 @@ class ServingTarget(NamedTuple):
 
 
 def _config(
-    scheme: Int4Scheme | QatConfig | None,
+    scheme: QuantScheme | str | QatConfig | None,
     include: str | tuple[str, ...] | None,
     exclude: str | tuple[str, ...] | None,
     config: QatConfig | None,
@@ -87,8 +87,13 @@ def _config(
         scheme, config = None, scheme
     if config is not None and not isinstance(config, QatConfig):
         raise TypeError(f"config must be a QatConfig, got {type(config).__name__}")
-    if scheme is not None and not isinstance(scheme, Int4Scheme):
-        raise TypeError(f"scheme must be an Int4Scheme, got {type(scheme).__name__}")
+    if isinstance(scheme, str):
+        scheme = parse_scheme(scheme)
+    if scheme is not None and not isinstance(scheme, QuantScheme):
+        raise TypeError(
+            f"scheme must be a QuantScheme (Int4Scheme, Fp4Scheme) or a name ('int4', 'nvfp4', "
+            f"'mxfp4'), got {type(scheme).__name__}"
+        )
     config = config or QatConfig()
     overrides = {
         k: v
@@ -214,7 +219,7 @@ def _resolve_plan(
 def convert(
     model: nn.Module,
     example_inputs: Any = None,
-    scheme: Int4Scheme | QatConfig | None = None,
+    scheme: QuantScheme | str | QatConfig | None = None,
     include: str | tuple[str, ...] | None = None,
     exclude: str | tuple[str, ...] | None = None,
     inplace: bool = False,
@@ -226,12 +231,12 @@ def convert(
 
     The plan is `plan` (e.g. `backend.plan` after training), else the one found by tracing
     `model` on `example_inputs`, else the one module types give. Scheme and filters come from
-    `config` (default `QatConfig()`); `scheme`, `include`, `exclude` override its fields (a
-    given plan carries its own scheme). Weights are quantized and packed once, here.
+    `config` (default `QatConfig()`); `scheme` (an object or "int4", "nvfp4", "mxfp4"),
+    `include`, `exclude` override its fields (a given plan carries its own scheme). Weights are quantized and packed once, here.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(example_inputs, (Int4Scheme, QatConfig)):  # convert(model, scheme) still works
+    if isinstance(example_inputs, (QuantScheme, QatConfig)):  # convert(model, scheme) still works
         if scheme is not None:
             raise ValueError("give the scheme or config once")
         example_inputs, scheme = None, example_inputs
@@ -278,6 +283,10 @@ def packed_tensors(qmodel: nn.Module):
                 yield name, attr, value
 
 
+def _buffer_keys(p: PackedWeight) -> tuple[str, ...]:
+    return tuple(k for k, t in p.tensors().items() if t is not None)
+
+
 def packed_weights(qmodel: nn.Module) -> list[PackedModuleWeight]:
     """The packed weights of a converted model, one entry per packed weight, in module order."""
     out = []
@@ -285,13 +294,13 @@ def packed_weights(qmodel: nn.Module) -> list[PackedModuleWeight]:
         prefix = f"{name}." if name else ""
         if isinstance(module, W4A16Linear):
             p = module.packed()
-            keys = ("qweight", "scales") + (("zeros",) if p.zeros is not None else ())
+            keys = _buffer_keys(p)
             out.append(
                 PackedModuleWeight(name, "weight", "linear", p, tuple(prefix + k for k in keys))
             )
         else:
             for attr, p in module.packed().items():
-                keys = ("qweight", "scales") + (("zeros",) if p.zeros is not None else ())
+                keys = _buffer_keys(p)
                 names = tuple(f"{prefix}{attr}_{k}" for k in keys)
                 out.append(PackedModuleWeight(name, attr, "experts", p, names))
     return out

@@ -1,8 +1,10 @@
 """Packed inference modules: `W4A16Linear` (for nn.Linear) and `W4A16Experts` (HF MoE experts).
 
-Each holds the canonical packed buffers only (qweight, scales, zeros: what exporters and
+Each holds the canonical packed buffers only (qweight, scales, zeros, and global_scale for NVFP4:
+what exporters and
 `packed_weights` read and every kernel runs on; a device repack is the kernels' own cache,
-see `qatpass.kernels.cpu`). Forward calls the W4A16 ops; `repack_` re-quantizes new master
+see `qatpass.kernels.cpu`). Forward calls the ops that serve the scheme (`ops.serving`: INT4
+or FP4); `repack_` re-quantizes new master
 weights into the same tensors, in place, so compiled graphs see them. `weight` is a stand-in
 with the original shape, dtype and device (one element, expanded), for model code that reads
 `module.weight.dtype` (T5 and many HF models); its values are not the weight's.
@@ -14,8 +16,9 @@ import torch
 from torch import nn
 
 from qatpass.kernels.cpu import CPU_PATH_NAMES, cpu_path
+from qatpass.kernels.cpu.fp4_native import fp4_kernel_reason
 from qatpass.lowering import ops as _ops
-from qatpass.scheme import Int4Scheme, PackedWeight, quantize
+from qatpass.scheme import PackedWeight, QuantScheme, quantize
 
 __all__ = ["PackedConstant", "PackedMixin", "W4A16Linear", "W4A16Experts", "write_packed_"]
 
@@ -24,26 +27,32 @@ __all__ = ["PackedConstant", "PackedMixin", "W4A16Linear", "W4A16Experts", "writ
 def write_packed_(dst: PackedWeight, src: PackedWeight) -> None:
     """Copy src's packed tensors into dst's, in place: readers of dst's tensors (modules, compiled
     graphs, the kernels' repack caches, which follow the version counters) see the new values."""
-    if src.qweight.shape != dst.qweight.shape or (src.zeros is None) != (dst.zeros is None):
+    src_t, dst_t = src.tensors(), dst.tensors()
+    layout = {k: None if t is None else tuple(t.shape) for k, t in src_t.items()}
+    if layout != {k: None if t is None else tuple(t.shape) for k, t in dst_t.items()}:
         raise ValueError(
-            f"refresh: packed layout changed: qweight {tuple(src.qweight.shape)} vs "
-            f"{tuple(dst.qweight.shape)}, zeros {src.zeros is not None} vs {dst.zeros is not None}"
+            f"refresh: packed layout changed: {layout} vs "
+            f"{ {k: None if t is None else tuple(t.shape) for k, t in dst_t.items()} }"
         )
-    dst.qweight.copy_(src.qweight)
-    dst.scales.copy_(src.scales)
-    if src.zeros is not None:
-        dst.zeros.copy_(src.zeros)
+    for key, t in src_t.items():
+        if t is not None:
+            dst_t[key].copy_(t)
 
 
 class PackedMixin:
     """Buffers and bookkeeping shared by the packed modules (one or more packed weights)."""
 
-    scheme: Int4Scheme
+    scheme: QuantScheme
 
     def _register_packed(self, prefix: str, p: PackedWeight) -> None:
-        self.register_buffer(f"{prefix}qweight", p.qweight)
-        self.register_buffer(f"{prefix}scales", p.scales)
-        self.register_buffer(f"{prefix}zeros", p.zeros)
+        for key, t in p.tensors().items():
+            self.register_buffer(f"{prefix}{key}", t)
+        self.op_kwargs = _ops.serving(p.scheme).kwargs(p)
+        if p.scheme.kernel_family != "int4":
+            reason = fp4_kernel_reason(p.dtype)
+            self.cpu_path = "native" if reason is None else "dequant"
+            self.cpu_fast_path_reason = None if reason is None else f"FP4 kernel: {reason}"
+            return
         n, k = p.qweight.shape[-2], p.qweight.shape[-1] * 8
         self.cpu_path, self.cpu_fast_path_reason = cpu_path(
             n, k, p.group_size, p.zeros is None, p.scales.dtype, p.dtype
@@ -62,7 +71,7 @@ class PackedMixin:
         keep = {
             name: b
             for name, b in self._buffers.items()
-            if b is not None and name.endswith("scales")
+            if b is not None and name.endswith(("scales", "global_scale"))
         }
         # the activation dtype the module now expects (what `weight.dtype` reports)
         probe = fn(torch.empty(0, dtype=self.orig_dtype))
@@ -84,7 +93,13 @@ class PackedMixin:
             dim,
             self.orig_dtype,
             self.scheme,
+            getattr(self, f"{prefix}global_scale", None),
         )
+
+    def _serve_linear(self, prefix: str, x: torch.Tensor, bias: torch.Tensor | None):
+        s = _ops.serving(self.scheme)
+        a, b, c = (getattr(self, f"{prefix}{t}") for t in s.tensors)
+        return s.linear(x, a, b, c, bias, **self.op_kwargs)
 
     @torch.no_grad()
     def _repack(self, prefix: str, weight: torch.Tensor, shape: torch.Size, dim: int) -> None:
@@ -98,7 +113,8 @@ class PackedMixin:
 
 
 class W4A16Linear(PackedMixin, nn.Module):
-    """nn.Linear (or HF's Conv1D) with INT4 packed weights and 16-bit (or fp32) activations.
+    """nn.Linear (or HF's Conv1D) with 4-bit packed weights (INT4 or FP4) and 16-bit (or fp32)
+    activations.
 
     y = x @ W.T + bias with W [N, K] packed. An nn.Linear weight is [N, K] reduced along dim 1;
     a Conv1D weight is [K, N] reduced along dim 0: both pack to the same [N, K/8] buffers and
@@ -123,18 +139,15 @@ class W4A16Linear(PackedMixin, nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: Int4Scheme) -> W4A16Linear:
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> W4A16Linear:
         return cls(quantize(linear.weight.detach(), scheme, dim=1), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ops.linear(
-            x,
-            self.qweight,
-            self.scales,
-            self.zeros,
-            self.bias,
-            group_size=self.group_size,
-        )
+        if self.scheme.kernel_family == "int4":  # the decode hot path: no lookups
+            return _ops.linear(
+                x, self.qweight, self.scales, self.zeros, self.bias, group_size=self.group_size
+            )
+        return self._serve_linear("", x, self.bias)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -152,9 +165,15 @@ class W4A16Linear(PackedMixin, nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, group_size={self.group_size}, "
-            f"symmetric={self.scheme.symmetric}, cpu_fast_path={self.cpu_fast_path_reason is None}"
+            f"bias={self.bias is not None}, {_scheme_repr(self.scheme)}, "
+            f"cpu_fast_path={self.cpu_fast_path_reason is None}"
         )
+
+
+def _scheme_repr(scheme: QuantScheme) -> str:
+    if scheme.kernel_family == "int4":
+        return f"group_size={scheme.group_size}, symmetric={scheme.symmetric}"
+    return f"scheme={scheme.name}"
 
 
 def _default_gate(module: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
@@ -199,11 +218,13 @@ class W4A16Experts(PackedMixin, nn.Module):
         self.shapes: dict[str, torch.Size] = {}
         self.dims: dict[str, int] = {}
         self.group_sizes: dict[str, int] = {}
+        self.op_kwargs_by_attr: dict[str, dict] = {}
         for attr, p in packed.items():
             self._register_packed(f"{attr}_", p)
             self.shapes[attr] = torch.Size(p.shape)
             self.dims[attr] = p.dim
             self.group_sizes[attr] = p.group_size
+            self.op_kwargs_by_attr[attr] = self.op_kwargs
         # every other parameter (biases, unquantized experts) is kept as it was
         for name, param in experts.named_parameters(recurse=False):
             if name not in packed:
@@ -217,15 +238,9 @@ class W4A16Experts(PackedMixin, nn.Module):
             w = w if self.is_transposed else w.transpose(-2, -1)
             y = torch.bmm(x.unsqueeze(1), w).squeeze(1)
             return y if bias is None else y + bias[expert_ids]
-        return torch.ops.qatpass.w4a16_grouped_linear(
-            x,
-            getattr(self, f"{attr}_qweight"),
-            getattr(self, f"{attr}_scales"),
-            expert_ids,
-            getattr(self, f"{attr}_zeros"),
-            bias,
-            group_size=self.group_sizes[attr],
-        )
+        s = _ops.serving(self.scheme)
+        a, b, c = (getattr(self, f"{attr}_{t}") for t in s.tensors)
+        return s.grouped_op(x, a, b, expert_ids, c, bias, **self.op_kwargs_by_attr[attr])
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -255,7 +270,7 @@ class W4A16Experts(PackedMixin, nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, packed={sorted(self.shapes)}, "
-            f"group_size={self.scheme.group_size}, symmetric={self.scheme.symmetric}"
+            f"{_scheme_repr(self.scheme)}"
         )
 
 

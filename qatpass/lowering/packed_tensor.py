@@ -5,7 +5,7 @@ Model code that uses a bare `nn.Parameter` directly (`F.linear(x, self.w)`, `x @
 by a tensor subclass with the original shape, dtype and device that holds the canonical packed
 buffers. Through `__torch_function__`:
 - `F.linear(x, w, b)` with w reduced along dim 1, and `x @ w` / `torch.matmul(x, w)` with w
-  [K, N] reduced along dim 0, run the W4A16 op (`qatpass::w4a16_linear`) on the packed buffers;
+  [K, N] reduced along dim 0, run the scheme's serving op (`qatpass::w4a16_linear`, `fp4_linear`) on the packed buffers;
 - every other use (einsum, bmm, arithmetic, printing, `.to()`) sees the dequantized weight,
   `scheme.dequantize`, which is bit for bit the fake-quantized weight training used.
 So no use of a planned weight ever runs in high precision, and the fast uses run packed.
@@ -46,24 +46,27 @@ class PackedTensor(torch.Tensor):
         p = self.packed
         return (
             f"PackedTensor(shape={tuple(p.shape)}, dim={p.dim}, dtype={p.dtype}, "
-            f"group_size={p.group_size}, symmetric={p.scheme.symmetric})"
+            f"scheme={p.scheme}, group_size={p.group_size})"
         )
 
     def __deepcopy__(self, memo: dict) -> PackedTensor:
         p = self.packed
-        zeros = None if p.zeros is None else p.zeros.clone()
+        t = {k: None if v is None else v.clone() for k, v in p.tensors().items()}
         return PackedTensor(
             PackedWeight(
-                p.qweight.clone(), p.scales.clone(), zeros, p.shape, p.dim, p.dtype, p.scheme
+                t["qweight"], t["scales"], t["zeros"], p.shape, p.dim, p.dtype, p.scheme,
+                t["global_scale"],
             )
-        )
+        )  # fmt: skip
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize(self.packed, dtype)
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         p = self.packed
-        return _ops.linear(x, p.qweight, p.scales, p.zeros, bias, group_size=p.group_size)
+        s = _ops.serving(p.scheme)
+        a, b, c = (getattr(p, t) for t in s.tensors)
+        return s.linear(x, a, b, c, bias, **s.kwargs(p))
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

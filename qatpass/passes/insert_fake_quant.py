@@ -9,19 +9,19 @@ Before:                                   After:
 Placeholders keep their number and order; a parameter used by several ops (tied weights) gets one
 node. Every use of a planned weight reads the fake-quantized value except an embedding lookup:
 serving packs the matmul, not the table, so the lookup stays high precision in both. Which
-weights, along which dim, is the plan's decision (`passes/plan.py`).
+weights, along which dim, is the plan's decision (`passes/plan.py`); the op and its arguments
+are the scheme's (`fake_quant_call`: `fake_quantize_fp4(w, fmt="nvfp4", dim=1)` for FP4).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 from qatpass.config import QatConfig
-from qatpass.fake_quant import scheme_kwargs
+from qatpass.fake_quant import fake_quant_call
 from qatpass.passes.plan import GraphWeight
 from qatpass.passes.weight_uses import op_name
 
@@ -54,8 +54,7 @@ def insert_fake_quant(gm: fx.GraphModule, targets: Sequence[GraphWeight], config
     if not targets:
         return 0
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    op = torch.ops.qatpass.fake_quantize_int4.default
-    kwargs_base = scheme_kwargs(config.scheme)
+    op, kwargs_base = fake_quant_call(config.scheme)
     with gm.graph.inserting_after(placeholders[-1]):
         for t in reversed(targets):
             ph = t.info.placeholder

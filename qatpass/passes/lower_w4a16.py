@@ -11,6 +11,7 @@ Before:                                   After:
 The packed constants are quantized once, here, from the parameter's value (`example_inputs` holds
 the real nn.Parameter), and live in `PackedConstant` submodules of a fresh GraphModule (the Dynamo
 GraphModule gets no new attributes: Inductor checks its parameters against Dynamo's sources).
+(FP4 schemes get `qatpass.fp4_linear` / `fp4_grouped_linear`: `lowering.ops.serving(scheme)`.)
 Placeholders keep their number and order. A use no pattern matches (a parameter behind other view
 ops, say) gets the training fake quant instead, which computes the same numbers unpacked, so no
 planned weight ever runs in high precision. `refresh_compiled()` repacks every lowered constant
@@ -31,12 +32,12 @@ import torch.fx as fx
 from torch import nn
 
 from qatpass.config import QatConfig
-from qatpass.lowering import ops as _ops  # noqa: F401  (registers the ops)
+from qatpass.lowering import ops as _ops
 from qatpass.lowering.modules import PackedConstant, write_packed_
 from qatpass.passes.insert_fake_quant import _EMBEDDING_OPS, insert_fake_quant
 from qatpass.passes.plan import GraphWeight
 from qatpass.passes.weight_uses import op_name
-from qatpass.scheme import Int4Scheme, PackedWeight, quantize
+from qatpass.scheme import PackedWeight, QuantScheme, quantize
 
 __all__ = ["lower_graph", "refresh_compiled", "lowered_fqns"]
 
@@ -57,7 +58,7 @@ class _LoweredWeight:
     fqn: str
     source: weakref.ref
     tensors: dict[str, weakref.ref]
-    scheme: Int4Scheme
+    scheme: QuantScheme
     dim: int
 
     def qweight(self) -> torch.Tensor | None:
@@ -69,7 +70,7 @@ class _LoweredWeight:
             return
         p = quantize(weight.detach().to(live["qweight"].device), self.scheme, self.dim)
         dst = PackedWeight(live["qweight"], live["scales"], live.get("zeros"), p.shape, p.dim,
-                           p.dtype, p.scheme)  # fmt: skip
+                           p.dtype, p.scheme, live.get("global_scale"))  # fmt: skip
         write_packed_(dst, p)
 
 
@@ -119,21 +120,21 @@ class _Lowering:
         self.root.add_module(name, holder)
         tensors = {
             k: weakref.ref(t)
-            for k in ("qweight", "scales", "zeros")
+            for k in ("qweight", "scales", "zeros", "global_scale")
             if (t := getattr(holder, k)) is not None
         }
         _LOWERED.append(_LoweredWeight(p.fqn, weakref.ref(value), tensors, packed.scheme, p.dim))
         return name, holder
 
-    def attrs(self, name: str, holder: PackedConstant) -> dict[str, Any]:
-        """get_attr nodes for the op's tensor arguments (None stays None)."""
-        out: dict[str, Any] = {}
-        for key in ("qweight", "scales", "zeros"):
+    def attrs(self, name: str, holder: PackedConstant) -> list[Any]:
+        """get_attr nodes for the serving op's three tensor arguments (None stays None)."""
+        out: list[Any] = []
+        for key in _ops.serving(holder.scheme).tensors:
             if getattr(holder, key) is None:
-                out[key] = None
+                out.append(None)
             else:
                 # create_node, not get_attr: the target exists on the rebuilt module only
-                out[key] = self.graph.create_node("get_attr", f"{name}.{key}")
+                out.append(self.graph.create_node("get_attr", f"{name}.{key}"))
         return out
 
     def call(self, target: Any, args: tuple, kwargs: dict, like: Any = None) -> fx.Node:
@@ -145,19 +146,7 @@ class _Lowering:
     def linear(self, node: fx.Node, name: str, holder: PackedConstant) -> None:
         x, bias = _arg(node, 0, "input"), _arg(node, 2, "bias")
         with self.graph.inserting_before(node):
-            a = self.attrs(name, holder)
-            new = self.call(
-                torch.ops.qatpass.w4a16_linear.default,
-                (
-                    x,
-                    a["qweight"],
-                    a["scales"],
-                    a["zeros"],
-                    bias,
-                ),
-                {"group_size": holder.group_size},
-                _val(node),
-            )
+            new = self.packed_linear(x, bias, name, holder, _val(node))
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
 
@@ -167,30 +156,19 @@ class _Lowering:
         if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
             return
         with self.graph.inserting_before(node):
-            a = self.attrs(name, holder)
-            new = self.call(
-                torch.ops.qatpass.w4a16_linear.default,
-                (x, a["qweight"], a["scales"], a["zeros"], bias),
-                {"group_size": holder.group_size},
-                _val(node),
-            )
+            new = self.packed_linear(x, bias, name, holder, _val(node))
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
 
+    def packed_linear(self, x: Any, bias: Any, name: str, holder: PackedConstant, like: Any):
+        s = _ops.serving(holder.scheme)
+        a, b, c = self.attrs(name, holder)
+        return self.call(s.linear_op, (x, a, b, c, bias), dict(holder.op_kwargs), like)
+
     def grouped(self, x: Any, ids: Any, name: str, holder: PackedConstant) -> fx.Node:
-        a = self.attrs(name, holder)
-        return self.call(
-            torch.ops.qatpass.w4a16_grouped_linear.default,
-            (
-                x,
-                a["qweight"],
-                a["scales"],
-                ids,
-                a["zeros"],
-                None,
-            ),
-            {"group_size": holder.group_size},
-        )
+        s = _ops.serving(holder.scheme)
+        a, b, c = self.attrs(name, holder)
+        return self.call(s.grouped_op, (x, a, b, ids, c, None), dict(holder.op_kwargs))
 
     def bmm(self, node: fx.Node, ph: fx.Node, p: GraphWeight, name: str, holder) -> bool:
         """bmm(w[ids], x.unsqueeze(-1)) (w [E, N, K]) or bmm(x.unsqueeze(1), w[ids]) ([E, K, N])."""

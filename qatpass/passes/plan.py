@@ -36,7 +36,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from qatpass.config import QatConfig
 from qatpass.passes.weight_uses import ParamInfo, find_weight_uses, root_modules
-from qatpass.scheme import Int4Scheme, check_quantizable
+from qatpass.scheme import Int4Scheme, QuantScheme, check_quantizable, scheme_from_dict
 
 __all__ = [
     "EXPERT_PARAM_NAMES",
@@ -153,7 +153,7 @@ def decide(facts: WeightFacts, config: QatConfig) -> PlannedWeight | SkippedWeig
 class QuantPlan:
     """Which weights are quantized (by name), under which scheme; a reason for every other one."""
 
-    scheme: Int4Scheme = field(default_factory=Int4Scheme)
+    scheme: QuantScheme = field(default_factory=Int4Scheme)
     weights: dict[str, PlannedWeight] = field(default_factory=dict)
     skipped: dict[str, SkippedWeight] = field(default_factory=dict)
 
@@ -231,7 +231,7 @@ class QuantPlan:
         if not isinstance(d, dict) or d.get("version") != PLAN_VERSION:
             raise ValueError(f"not a qatpass plan of version {PLAN_VERSION}: {str(d)[:80]!r}")
         try:
-            plan = cls(scheme=Int4Scheme.from_dict(d["scheme"]))
+            plan = cls(scheme=scheme_from_dict(d["scheme"]))
             for w in d.get("weights", []):
                 shape = tuple(int(s) for s in w["shape"])
                 dim = int(w["dim"])

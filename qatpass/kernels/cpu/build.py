@@ -177,6 +177,12 @@ def clean_stale_temps(directory: Path) -> list[Path]:
     return removed
 
 
+# memfds of loaded libraries, kept open: dlopen matches an already loaded library by its path
+# string, so a closed fd's number (reused by the next memfd) would hand the next library's
+# "/proc/self/fd/N" the first one's handle
+_LOADED_FDS: list[int] = []
+
+
 def _dlopen_bytes(data: bytes, name: str) -> ctypes.CDLL:
     """Open a shared library from bytes already verified (a memfd: nobody else can change it)."""
     if not hasattr(os, "memfd_create"):  # pragma: no cover - Linux has it
@@ -184,9 +190,12 @@ def _dlopen_bytes(data: bytes, name: str) -> ctypes.CDLL:
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
         os.write(fd, data)
-        return ctypes.CDLL(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)  # the mapping keeps the code
+        lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+    except BaseException:
+        os.close(fd)
+        raise
+    _LOADED_FDS.append(fd)
+    return lib
 
 
 def open_library(source: Path, flags, compiler: str, stem: str = "w4a16_cpu") -> ctypes.CDLL:
