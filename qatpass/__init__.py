@@ -1,4 +1,4 @@
-"""qatpass: INT4 quantization-aware training and W4A16 inference as a torch.compile pass.
+"""qatpass: INT4 / FP4 quantization-aware training and 4-bit weight inference as a torch.compile pass.
 
 cmodel = torch.compile(model, backend="qat4")      # fake-quant QAT, model code untouched
 qmodel = qatpass.convert(model)                    # packed INT4 weights for serving
@@ -21,7 +21,16 @@ from qatpass.lowering import (
 from qatpass.passes.lower_w4a16 import refresh_compiled
 from qatpass.passes.plan import QuantPlan, plan_for
 from qatpass.report import GraphSummary, reset_summary, summary
-from qatpass.scheme import Int4Scheme, PackedWeight, dequantize, pack_int4, quantize, unpack_int4
+from qatpass.scheme import (
+    Int4Scheme,
+    PackedWeight,
+    QuantScheme,
+    dequantize,
+    pack_int4,
+    quantize,
+    unpack_int4,
+)
+from qatpass.scheme_fp4 import Fp4Scheme
 from qatpass.selection import select_weights
 
 __version__ = "0.1.0"
@@ -29,12 +38,14 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_EXCLUDE",
     "DiffReport",
+    "Fp4Scheme",
     "GraphSummary",
     "Int4Scheme",
     "PackedWeight",
     "QatBackend",
     "QatConfig",
     "QuantPlan",
+    "QuantScheme",
     "W4A16Experts",
     "W4A16Linear",
     "backend",

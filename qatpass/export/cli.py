@@ -1,6 +1,6 @@
 """`qatpass export`: write a model as a compressed-tensors checkpoint, an ONNX file or a .pt2.
 
-    qatpass export --format compressed-tensors --model MODEL_SPEC --out DIR [--group-size N]
+    qatpass export --format compressed-tensors --model MODEL_SPEC --out DIR [--scheme S] [--group-size N]
     qatpass export --format onnx|pt2 --model MODEL_SPEC --out FILE [--group-size N] [--overwrite]
 
 The model comes from `qatpass.model_spec.load_model_spec` (the loader `qatpass diff` uses too).
@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--model", required=True, metavar="MODEL_SPEC", help="see MODEL_SPEC below")
     p.add_argument("--out", required=True, type=Path, help="output directory or file")
+    p.add_argument(
+        "--scheme",
+        choices=("int4", "nvfp4", "mxfp4"),
+        default="int4",
+        help="weight format (default int4)",
+    )
     p.add_argument("--group-size", type=int, default=None, help="INT4 group size (-1: per channel)")
     p.add_argument("--seq-len", type=int, default=16, help="example length for an HF model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -66,7 +72,13 @@ def warn_unquantizable(model: nn.Module, config: QatConfig) -> int:
 
 def _export(args: argparse.Namespace) -> Path:
     options: dict[str, Any] = {}
-    if args.group_size is not None:
+    if args.scheme != "int4":
+        if args.group_size is not None:
+            raise ValueError(
+                f"--group-size is an INT4 option; {args.scheme} has a fixed block size"
+            )
+        options["scheme"] = args.scheme
+    elif args.group_size is not None:
         options["group_size"] = args.group_size
     config = QatConfig.from_options(options)
     if args.format != "compressed-tensors" and args.out.exists() and not args.overwrite:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from qatpass.config import QatConfig
-from qatpass.scheme import Int4Scheme, PackedWeight, quantize
+from qatpass.scheme import PackedWeight, QuantScheme, quantize
 from qatpass.selection import select_weights
 
 __all__ = ["PackedEntry", "ModelWeights", "collect_weights", "drop_tied", "ROUTER_NAME"]
@@ -40,7 +40,7 @@ class ModelWeights:
     packed: list[PackedEntry]
     tensors: dict[str, torch.Tensor]
     ignore: list[str]
-    scheme: Int4Scheme
+    scheme: QuantScheme
     tied: dict[str, str] = field(default_factory=dict)  # dropped alias -> name kept
 
 
@@ -56,7 +56,7 @@ def _converted_entries(model: nn.Module) -> list[tuple[PackedEntry, list[str]]]:
     return entries
 
 
-def _single_scheme(entries: list[PackedEntry], config: QatConfig | None) -> Int4Scheme:
+def _single_scheme(entries: list[PackedEntry], config: QatConfig | None) -> QuantScheme:
     schemes = {e.packed.scheme for e in entries}
     if len(schemes) > 1:
         raise ValueError(
