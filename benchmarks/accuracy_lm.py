@@ -164,9 +164,17 @@ def smollm2_setup(chunk: int, n_train: int, n_eval: int) -> Setup:
 
     model, tok = load_smollm2()
     split = docstring_texts()
+    # tokenizing every docstring costs a minute on a loaded machine: cache the ids by text hash
+    digest = hashlib.sha256("\0".join([*split.train, "\1", *split.held_out]).encode()).hexdigest()
+    cache = cache_root() / f"smollm2-docstring-ids-{digest[:16]}.json"
+    ids = json.loads(cache.read_text()) if cache.is_file() else {}
+    if not ids:
+        docs = [*split.train, *split.held_out]
+        ids = dict(zip(docs, tok(docs, add_special_tokens=False)["input_ids"], strict=True))
+        cache.write_text(json.dumps(ids))
 
     def encode(d: str) -> list[int]:
-        return tok(d, add_special_tokens=False)["input_ids"]
+        return ids[d]
 
     train, held = _split_chunks(split, encode, tok.eos_token_id, chunk, n_train, n_eval)
     meta = {
@@ -476,7 +484,7 @@ def sweep(
         torch._dynamo.reset()
         s = Student(setup.reference, spec, r, compiler)
         t0 = time.process_time()
-        train_students({spec.name: s}, teacher, data, progress=False)
+        train_students({spec.name: s}, teacher, data, progress)
         kl = sum(
             float((ref[i].exp() * (ref[i] - s.train_logp(held[i : i + 1]))).sum())
             for i in range(len(held))
@@ -719,6 +727,7 @@ def main(argv: list[str] | None = None) -> dict:
         st = students[s.name]
         t0 = time.process_time()
         served[f"{s.name}/qat"] = st.serve()
+        st.opt = None  # AdamW state is not needed past training (memory for the eval)
         arms[s.name]["qat"] = {
             # the shared teacher forward is split evenly between the students
             "build_cpu_min": (st.cpu_s + teacher.cpu_s / len(specs)) / 60 + cpu_min(t0),
