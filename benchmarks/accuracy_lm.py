@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import hashlib
 import json
 import logging
@@ -217,6 +218,9 @@ def gptq_arm(
     from qatpass.scheme import dequantize
 
     ckpt = out / f"gptq_{spec.name}"
+    lock = out / f"gptq_{spec.name}.lock"  # a GPTQ run started by hand into this folder
+    while lock.exists():
+        time.sleep(10)
     calib_bytes = json.dumps(setup.train[:calib].tolist()).encode()
     digest = hashlib.sha256(calib_bytes).hexdigest()
     run_file = ckpt / "gptq_run.json"
@@ -331,17 +335,18 @@ class Student:
         self.losses.append(float(loss))
         return self.losses[-1]
 
-    @torch.no_grad()
     def train_logp(self, ids: torch.Tensor) -> torch.Tensor:
-        """log-probs of the qat4 training forward (fake quant), no grad, as trained."""
+        """log-probs of the qat4 training forward (fake quant), exactly as trained: the same
+        compiled graph (grad mode on, so no new trace), output detached, no backward."""
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.recipe.autocast):
             logits = self.compiled(input_ids=ids).logits
-        return F.log_softmax(logits.float(), dim=-1)
+        return F.log_softmax(logits.detach().float(), dim=-1)
 
     def serve(self) -> nn.Module:
         import qatpass
 
-        return qatpass.convert(self.model.eval(), plan=self.backend.plan)
+        # a copy, in eval mode; the student stays in train mode (its graph's guards)
+        return qatpass.convert(self.model, plan=self.backend.plan).eval()
 
 
 class Teacher:
@@ -416,16 +421,10 @@ class Meter:
 
 @torch.no_grad()
 def evaluate(
-    reference: nn.Module,
-    served: dict[str, nn.Module],
-    held_out: torch.Tensor,
-    gap_models: dict[str, Student],
-    gap_chunks: int,
-    progress: bool,
-) -> tuple[dict, dict, dict]:
+    reference: nn.Module, served: dict[str, nn.Module], held_out: torch.Tensor, progress: bool
+) -> dict:
     """One pass over held-out chunks: every model sees each chunk right after the reference."""
     meters = {name: Meter() for name in ["reference", *served]}
-    gaps = {name: [0.0, 0.0, 0] for name in gap_models}  # sum |d|, max |d|, tokens
     t0 = time.perf_counter()
     for c in range(len(held_out)):
         ids = held_out[c : c + 1]
@@ -438,24 +437,23 @@ def evaluate(
             logp = F.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
             meters[name].cpu_s += time.process_time() - t
             meters[name].add(logp, ref_logp, ids)
-            if name in gap_models and c < gap_chunks:
-                tgt = ids[:, 1:, None]
-                d = (
-                    gap_models[name].train_logp(ids)[:, :-1].gather(-1, tgt)
-                    - logp[:, :-1].gather(-1, tgt)
-                ).abs()
-                g = gaps[name]
-                g[0] += float(d.sum())
-                g[1] = max(g[1], float(d.max()))
-                g[2] += d.numel()
-        if progress and (c % 8 == 0 or c == len(held_out) - 1):
+        if progress and (c % 4 == 0 or c == len(held_out) - 1):
             log.info("eval chunk %d/%d (%.0f s)", c + 1, len(held_out), time.perf_counter() - t0)
-    gap = {
-        k: {"mean_abs": v[0] / v[2], "max_abs": v[1], "tokens": v[2]}
-        for k, v in gaps.items()
-        if v[2]
-    }
-    return {k: m.result() for k, m in meters.items()}, gap, {}
+    return {k: m.result() for k, m in meters.items()}
+
+
+def train_serve_gap(student: Student, served: nn.Module, chunks: torch.Tensor) -> dict:
+    """|logprob of the next token, qat4 training forward - served INT4 model| per token."""
+    total, worst, n = 0.0, 0.0, 0
+    for c in range(len(chunks)):
+        ids = chunks[c : c + 1]
+        tgt = ids[:, 1:, None]
+        train = student.train_logp(ids)[:, :-1].gather(-1, tgt)
+        with torch.no_grad():
+            serve = F.log_softmax(served(input_ids=ids).logits.float(), -1)[:, :-1].gather(-1, tgt)
+        d = (train - serve).abs()
+        total, worst, n = total + float(d.sum()), max(worst, float(d.max())), n + d.numel()
+    return {"mean_abs": total / n, "max_abs": worst, "tokens": n}
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -647,7 +645,7 @@ def main(argv: list[str] | None = None) -> dict:
     eval_tokens = args.eval_tokens or (512 if q else 16384)
     gap_tokens = args.gap_tokens or (256 if q else 4096)
     steps = args.qat_steps or (4 if q else 60)
-    batch = args.qat_batch or 2
+    batch = args.qat_batch or 1
     lr = args.qat_lr or (1e-3 if q else 3e-5)
     compiler = args.compiler or ("eager" if q else "inductor")
     calib = args.calib or (4 if q else 32)
@@ -705,52 +703,42 @@ def main(argv: list[str] | None = None) -> dict:
     for s in specs:
         model, info = rtn_arm(setup.reference, s)
         served[f"{s.name}/rtn"], arms[s.name]["rtn"] = model, info
-    # GPTQ runs in its own processes (its venv) while QAT trains here
+    # GPTQ runs in its own processes (its venv) while QAT trains here; one student at a time
+    gap_chunks = setup.held_out[: max(1, gap_tokens // chunk)]
     with ThreadPoolExecutor(1) as pool:
         gptq = pool.submit(
             lambda: [gptq_arm(setup, s, out, args.gptq_python, calib, args.threads) for s in specs]
         )
-        torch._dynamo.reset()
-        students = {s.name: Student(setup.reference, s, recipe, compiler) for s in specs}
-        teacher = Teacher(setup.reference, cache=False)
-        train_students(
-            students, teacher, batches(setup.train, steps, batch, args.seed), not args.quiet
-        )
+        data = batches(setup.train, steps, batch, args.seed)
+        for s in specs:
+            torch._dynamo.reset()
+            st = Student(setup.reference, s, recipe, compiler)
+            teacher = Teacher(setup.reference, cache=False)
+            train_students({s.name: st}, teacher, data, not args.quiet)
+            t0 = time.process_time()
+            served[f"{s.name}/qat"] = st.serve()
+            st.opt = None  # AdamW state is not needed past training
+            arms[s.name]["qat"] = {
+                "build_cpu_min": (st.cpu_s + teacher.cpu_s) / 60 + cpu_min(t0),
+                "loss_first": st.losses[0],
+                "loss_last": st.losses[-1],
+                "losses": st.losses,
+                "train_serve_gap": train_serve_gap(st, served[f"{s.name}/qat"], gap_chunks),
+            }
+            log.info("%s qat: %s", s.name, arms[s.name]["qat"]["train_serve_gap"])
+            del st, teacher
+            gc.collect()
         for s, (model, info) in zip(specs, gptq.result(), strict=True):
             arms[s.name]["gptq"] = info
             if model is None:
                 log.warning("GPTQ arm skipped for %s: %s", s.name, info["skipped"][:300])
             else:
                 served[f"{s.name}/gptq"] = model
-    gap_models = {}
-    for s in specs:
-        st = students[s.name]
-        t0 = time.process_time()
-        served[f"{s.name}/qat"] = st.serve()
-        st.opt = None  # AdamW state is not needed past training (memory for the eval)
-        arms[s.name]["qat"] = {
-            # the shared teacher forward is split evenly between the students
-            "build_cpu_min": (st.cpu_s + teacher.cpu_s / len(specs)) / 60 + cpu_min(t0),
-            "loss_first": st.losses[0],
-            "loss_last": st.losses[-1],
-            "losses": st.losses,
-        }
-        gap_models[f"{s.name}/qat"] = st
-    metrics, gaps, _ = evaluate(
-        setup.reference,
-        served,
-        setup.held_out,
-        gap_models,
-        max(1, gap_tokens // chunk),
-        not args.quiet,
-    )
+    metrics = evaluate(setup.reference, served, setup.held_out, not args.quiet)
     for key, m in metrics.items():
-        if key == "reference":
-            continue
-        name, arm = key.split("/")
-        arms[name][arm].update(m)
-        if key in gaps:
-            arms[name][arm]["train_serve_gap"] = gaps[key]
+        if key != "reference":
+            name, arm = key.split("/")
+            arms[name][arm].update(m)
     for s in specs:
         a = arms[s.name]
         a["qat"]["roundtrip"] = check_roundtrip(

@@ -33,14 +33,20 @@ import torch
 from torch import nn
 
 
-def make_model(dtype: torch.dtype, layers: int, hidden: int, name: str = "toy") -> nn.Module:
+def make_model(dtype: torch.dtype, layers: int | None, hidden: int, name: str = "toy") -> nn.Module:
     if name == "smollm2":
         from qatpass.demo.pretrained import load_smollm2
 
-        return load_smollm2()[0].train().to(dtype)
+        model = load_smollm2()[0].train().to(dtype)
+        if layers is not None and layers < model.config.num_hidden_layers:
+            # the first `layers` decoder layers, real shapes and weights (a compile-cost proxy)
+            model.model.layers = model.model.layers[:layers]
+            model.config.num_hidden_layers = layers
+        return model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    layers = 4 if layers is None else layers
     cfg = LlamaConfig(
         vocab_size=1024,
         hidden_size=hidden,
@@ -123,7 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--autocast", action="store_true", help="forward under bf16 autocast")
     p.add_argument("--group-size", type=int, default=32)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument(
+        "--layers", type=int, default=None, help="decoder layers (toy 4; smollm2 all 30, or fewer)"
+    )
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
