@@ -1,13 +1,18 @@
 """Training step time on this CPU: baseline vs qat4 vs torchao QAT, one run, JSON out.
 
     python benchmarks/train_step.py --out results/train_step.json
+    nice python benchmarks/train_step.py --model smollm2 --autocast --batch 4 --seq 256 \
+        --rounds 3 --out results/train_step_smollm2.json
 
-A small Llama-style model (HF LlamaForCausalLM from a config), AdamW, fwd + bwd + step. Variants:
+`--model toy`: a small Llama-style model (HF LlamaForCausalLM from a config); `--model smollm2`:
+SmolLM2-135M-Instruct from `qatpass.demo.pretrained` (its real shapes and weights: 30 layers,
+hidden 576, vocab 49152, tied embeddings). AdamW, fwd + bwd + step, fp32 master weights
+(`--autocast`: the forward under bf16 autocast). Variants:
 - baseline:        torch.compile(model) with Inductor, no quantization
 - qat4:            torch.compile(model, backend="qat4") (fake quant fused by Inductor)
 - torchao_eager:   torchao QATConfig(step="prepare") module swap, eager
 - torchao_compiled: the same, torch.compile with Inductor
-All use int4 weights, group 32, symmetric; lm_head and embeddings in high precision.
+All use int4 weights, group `--group-size` (32), symmetric; lm_head and embeddings in high precision.
 Reports the median step time over `--steps` timed steps after `--warmup` steps; with `--rounds R`
 the sweep runs R times, variants alternating, and each reports the median of its R medians.
 """
@@ -28,10 +33,20 @@ import torch
 from torch import nn
 
 
-def make_model(dtype: torch.dtype, layers: int, hidden: int) -> nn.Module:
+def make_model(dtype: torch.dtype, layers: int | None, hidden: int, name: str = "toy") -> nn.Module:
+    if name == "smollm2":
+        from qatpass.demo.pretrained import load_smollm2
+
+        model = load_smollm2()[0].train().to(dtype)
+        if layers is not None and layers < model.config.num_hidden_layers:
+            # the first `layers` decoder layers, real shapes and weights (a compile-cost proxy)
+            model.model.layers = model.model.layers[:layers]
+            model.config.num_hidden_layers = layers
+        return model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    layers = 4 if layers is None else layers
     cfg = LlamaConfig(
         vocab_size=1024,
         hidden_size=hidden,
@@ -44,11 +59,11 @@ def make_model(dtype: torch.dtype, layers: int, hidden: int) -> nn.Module:
     return LlamaForCausalLM(cfg).to(dtype)
 
 
-def torchao_prepare(model: nn.Module) -> nn.Module:
+def torchao_prepare(model: nn.Module, group_size: int = 32) -> nn.Module:
     from torchao.quantization import quantize_
     from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
 
-    weight = IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True)
+    weight = IntxFakeQuantizeConfig(torch.int4, group_size=group_size, is_symmetric=True)
 
     def only_decoder_linears(module: nn.Module, fqn: str) -> bool:
         return isinstance(module, nn.Linear) and "lm_head" not in fqn
@@ -74,11 +89,14 @@ def time_steps(
     return statistics.median(times), first, times
 
 
-def make_step(model: nn.Module, run: nn.Module, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+def make_step(
+    model: nn.Module, run: nn.Module, ids: torch.Tensor, autocast: bool = False
+) -> Callable[[], torch.Tensor]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> torch.Tensor:
-        loss = run(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = run(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -107,8 +125,13 @@ def _child_args(argv: list[str] | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="toy", choices=["toy", "smollm2"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--autocast", action="store_true", help="forward under bf16 autocast")
+    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument(
+        "--layers", type=int, default=None, help="decoder layers (toy 4; smollm2 all 30, or fewer)"
+    )
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
@@ -131,13 +154,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    base = make_model(dtype, args.layers, args.hidden)
-    ids = torch.randint(0, 1024, (args.batch, args.seq))
+    base = make_model(dtype, args.layers, args.hidden, args.model)
+    torch.manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq))
+    g = args.group_size
     variants: dict[str, Callable[[], tuple[nn.Module, nn.Module]]] = {
         "baseline": lambda m: (m, torch.compile(m)),
-        "qat4": lambda m: (m, torch.compile(m, backend="qat4")),
-        "torchao_eager": lambda m: (torchao_prepare(m), m),
-        "torchao_compiled": lambda m: (torchao_prepare(m), torch.compile(m)),
+        "qat4": lambda m: (m, torch.compile(m, backend="qat4", options={"group_size": g})),
+        "torchao_eager": lambda m: (torchao_prepare(m, g), m),
+        "torchao_compiled": lambda m: (torchao_prepare(m, g), torch.compile(m)),
     }
     rows = {}
     names = args.variants.split(",")
@@ -159,9 +184,11 @@ def main(argv: list[str] | None = None) -> dict:
             if not ok:
                 rows[name] = runs[0]
                 continue
+            meds = [r["median_s"] for r in ok]
             rows[name] = {
-                "median_s": statistics.median(r["median_s"] for r in ok),
-                "round_medians_s": [r["median_s"] for r in ok],
+                "median_s": statistics.median(meds),
+                "round_medians_s": meds,
+                "round_spread": (max(meds) - min(meds)) / statistics.median(meds),
                 "warmup_s": statistics.median(r["warmup_s"] for r in ok),
             }
         names = []
@@ -171,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         model = copy.deepcopy(base)
         try:
             model, run = build(model)
-            median, first, times = time_steps(make_step(model, run, ids), args.warmup, args.steps)
+            step = make_step(model, run, ids, args.autocast)
+            median, first, times = time_steps(step, args.warmup, args.steps)
             rows[name] = {"median_s": median, "warmup_s": first, "times_s": times}
         except Exception as e:  # a variant that cannot run here is recorded, not fatal
             rows[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
