@@ -160,14 +160,22 @@ def tiny_model() -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
+def reference_note(quick: bool) -> str:
+    if quick:
+        return "a random 2-layer Llama from a config (--quick)"
+    from qatpass.demo.pretrained import REFERENCE_NOTE
+
+    return REFERENCE_NOTE
+
+
 def load(quick: bool) -> tuple[LlamaForCausalLM, object, str]:
     """(fp32 reference model, codec, what the reference is)."""
     if quick:
-        return tiny_model(), CharCodec(), "a random 2-layer Llama from a config (--quick)"
-    from qatpass.demo.pretrained import REFERENCE_NOTE, load_smollm2
+        return tiny_model(), CharCodec(), reference_note(quick)
+    from qatpass.demo.pretrained import load_smollm2
 
     model, tokenizer = load_smollm2()
-    return model, ChatCodec(tokenizer), REFERENCE_NOTE
+    return model, ChatCodec(tokenizer), reference_note(quick)
 
 
 # ---- rollouts ----------------------------------------------------------------------------------
@@ -400,8 +408,8 @@ def run_arm(arm: str, recipe: Recipe, quick: bool, seed: int, progress: bool) ->
 
 def summarize(arms: dict[str, dict]) -> dict:
     med = {a: statistics.median(s["mismatch"] for s in r["steps"]) for a, r in arms.items()}
-    share = [
-        s["refresh_share"] for r in arms.values() if r["rollout"] == "int4" for s in r["steps"]
+    share = [  # step 0's training step includes compilation
+        s["refresh_share"] for r in arms.values() if r["rollout"] == "int4" for s in r["steps"][1:]
     ]
     out = {"median_mismatch": med}
     if {"fp32", "fp32_int4", "qat4_int4"} <= med.keys():
@@ -417,6 +425,17 @@ def summarize(arms: dict[str, dict]) -> dict:
         out.setdefault("targets", {})["refresh <= 5% of a training step"] = (
             out["refresh_share_median"] <= 0.05
         )
+        # refresh costs the same at any batch, training grows with the tokens it sees: the
+        # forward tokens (batch x length) per step at which refresh would be 5% of the step
+        later = [s for r in arms.values() if r["rollout"] == "int4" for s in r["steps"][1:]]
+        if later:  # step 0 includes compilation
+            refresh_s = statistics.median(s["refresh_s"] for s in later)
+            per_token = statistics.median(
+                s["train_s"] / (s["batch"][0] * s["batch"][1]) for s in later
+            )
+            out["refresh_s_median"] = refresh_s
+            out["train_s_per_token_median"] = per_token
+            out["tokens_per_step_for_5pct_refresh"] = refresh_s / (0.05 * per_token)
     return out
 
 
@@ -426,20 +445,24 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_m, ax_r) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_m, ax_x, ax_r) = plt.subplots(1, 3, figsize=(16, 4.4))
     for r in results["arms"].values():
         x = [s["step"] for s in r["steps"]]
-        ax_m.plot(x, [s["mismatch"] for s in r["steps"]], marker="o", ms=3, label=r["label"])
-        ax_r.plot(x, [s["reward"] for s in r["steps"]], marker="o", ms=3, label=r["label"])
+        for ax, key in ((ax_m, "mismatch"), (ax_x, "log_ratio_max_abs"), (ax_r, "reward")):
+            ax.plot(x, [s[key] for s in r["steps"]], marker="o", ms=3, label=r["label"])
+    for ax in (ax_m, ax_x, ax_r):
+        ax.set_xlabel("RL step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
     ax_m.set_yscale("log")
-    ax_m.set_xlabel("RL step")
-    ax_m.set_ylabel("mean |logprob_train - logprob_rollout| (nats/token)")
+    ax_m.set_ylabel("mean |logprob_train - logprob_rollout| (nats/token, log)")
     ax_m.set_title("train / rollout mismatch")
-    ax_r.set_xlabel("RL step")
+    ax_x.set_yscale("log")
+    ax_x.set_ylabel("max |log importance ratio| over the step's tokens (log)")
+    ax_x.set_title("importance ratio spread")
     ax_r.set_ylabel("mean reward of the step's rollouts")
     ax_r.set_ylim(0, 1)
-    ax_r.set_title("reward")
-    ax_m.legend(loc="center left", fontsize=8, framealpha=0.9)
+    ax_r.set_title("reward (1 = right answer)")
+    ax_r.legend(loc="upper left", fontsize=8, framealpha=0.9)
     fig.suptitle(results["model"], fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -480,7 +503,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--parallel", action="store_true",
                    help="one process per arm (logs in OUT/ARM/log.txt), merged at the end")  # fmt: skip
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--replot", action="store_true",
+                   help="recompute the summary and plot of OUT/rl_int4.json, no training")  # fmt: skip
     args = p.parse_args(argv)
+    if args.replot:
+        results = json.loads((args.out / "rl_int4.json").read_text())
+        return _write(results, args.out, args.quiet)
     torch.set_num_threads(args.threads)
     recipe = Recipe.quick() if args.quick else Recipe()
     if args.steps is not None:
@@ -491,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--arms: unknown {unknown}; choose from {list(ARMS)}")
     t0 = time.perf_counter()
     results = {
-        "model": load(args.quick)[2],
+        "model": reference_note(args.quick),
         "recipe": asdict(recipe),
         "seed": args.seed,
         "threads": torch.get_num_threads(),
@@ -503,14 +531,18 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         for arm in arms:
             results["arms"][arm] = run_arm(arm, recipe, args.quick, args.seed, not args.quiet)
-    results["summary"] = summarize(results["arms"])
     results["seconds"] = time.perf_counter() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rl_int4.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.out / "rl_int4.png")
-    if not args.quiet:
+    return _write(results, args.out, args.quiet)
+
+
+def _write(results: dict, out: Path, quiet: bool) -> dict:
+    results["summary"] = summarize(results["arms"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rl_int4.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / "rl_int4.png")
+    if not quiet:
         print(json.dumps(results["summary"], indent=1))
-        print(f"wrote {args.out / 'rl_int4.json'} and {args.out / 'rl_int4.png'}")
+        print(f"wrote {out / 'rl_int4.json'} and {out / 'rl_int4.png'}")
     return results
 
 
