@@ -462,7 +462,7 @@ def plot(results: dict, path: Path) -> None:
     ax_r.set_ylabel("mean reward of the step's rollouts")
     ax_r.set_ylim(0, 1)
     ax_r.set_title("reward (1 = right answer)")
-    ax_r.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    ax_m.legend(loc="center left", fontsize=8, framealpha=0.9)  # the empty band between arms
     fig.suptitle(results["model"], fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
