@@ -51,7 +51,7 @@ def plot_part_a(a: dict, out: Path) -> Path:
                    label=f"near ties in fp32 (top-1/top-2 gap < {a['near_tie_gap']})")  # fmt: skip
         _legend_below(ax)
     ax.set_ylim(0, 1.25 * max(changed + [tie or 0.0]))
-    ax.set_ylabel("share of sentences whose top-1 neighbour changed")
+    ax.set_ylabel("share with a changed top-1 neighbour")
     ax.set_title("top-1 neighbour changes (information)")
     ax = axes[3]
     ax.plot(range(1, len(a["curves"]["qat_loss"]) + 1), a["curves"]["qat_loss"], color="tab:green")
