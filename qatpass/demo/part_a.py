@@ -55,7 +55,6 @@ class PartARecipe:
     warmup: float = 0.1  # share of steps
     max_len: int = 32  # training sentences are truncated to this many tokens
     embed_weight: float = 100.0  # weight of (1 - cos) next to the hidden-state MSE
-    sim_weight: float = 0.0  # weight of the MSE of the batch's cosine-similarity matrices
     max_files: int | None = None  # stdlib files read (None: all)
     max_held_out: int | None = None  # held-out sentences scored (None: all)
 
@@ -165,11 +164,10 @@ def _distill_loss(student_out, teacher_out, mask: torch.Tensor, r: PartARecipe):
     m = mask.unsqueeze(-1).float()
     pairs = list(zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:], strict=True))
     hidden = sum(((s - t) ** 2 * m).sum() / (m.sum() * s.shape[-1]) for s, t in pairs) / len(pairs)
-    es, et = _pool(student_out.last_hidden_state, mask), _pool(teacher_out.last_hidden_state, mask)
-    loss = hidden + r.embed_weight * (1 - F.cosine_similarity(es, et)).mean()
-    if r.sim_weight:  # the neighbour structure itself: every pair's similarity in the batch
-        loss = loss + r.sim_weight * ((es @ es.T - et @ et.T) ** 2).mean()
-    return loss
+    cos = F.cosine_similarity(
+        _pool(student_out.last_hidden_state, mask), _pool(teacher_out.last_hidden_state, mask)
+    )
+    return hidden + r.embed_weight * (1 - cos).mean()
 
 
 def _qat(teacher, tok, sentences: list[str], r: PartARecipe, compiler: str, seed: int, progress):
