@@ -16,29 +16,51 @@ def _plt():
     return plt
 
 
+def _legend_below(ax) -> None:
+    """The legend under the axes, where it cannot cover a bar."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
+
+
 def plot_part_a(a: dict, out: Path) -> Path:
-    """part_a.png: cosine and top-1 agreement of PTQ vs QAT INT4, and the QAT loss curve."""
+    """part_a.png: what INT4 loses against fp32 (1 - cosine, 1 - Spearman, top-1 changes) for
+    PTQ vs QAT, every axis from 0 = the fp32 model, +- sem over held-out sentences; QAT loss."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
     names = ["PTQ INT4", "QAT INT4"]
     colors = ["tab:red", "tab:green"]
-    for ax, key, label in zip(
-        axes[:2], ("cosine", "agreement"), ("mean cosine vs fp32", "top-1 neighbour agreement"),
-        strict=True,
-    ):  # fmt: skip
-        vals = [a["ptq_int4"][key], a["qat_int4"][key]]
-        bars = ax.bar(names, vals, color=colors)
-        ax.bar_label(bars, fmt="%.4f" if key == "cosine" else "%.3f")
-        ax.axhline(1.0, color="k", lw=0.8, ls="--", label="fp32")
-        lo = min(vals)
-        ax.set_ylim(max(0.0, lo - 2 * (1 - lo)), 1.0 + 0.15 * (1 - lo))
-        ax.set_title(label)
-        ax.legend(loc="lower right")
-    axes[2].plot(a["curves"]["qat_loss"], color="tab:green")
-    axes[2].set_yscale("log")
-    axes[2].set_xlabel("QAT step")
-    axes[2].set_title("distillation loss (qat4)")
-    fig.suptitle(f"Part A: {a['model']}, {a['sentences']['held_out']} held-out sentences")
+    panels = (
+        ("cosine", "1 - mean cosine vs fp32", "embedding error"),
+        ("spearman", "1 - mean Spearman vs fp32", "neighbour ranking error"),
+    )
+    for ax, (key, ylabel, title) in zip(axes[:2], panels, strict=True):
+        lost = [1.0 - a[m][key] for m in ("ptq_int4", "qat_int4")]
+        sem = [a[m].get(f"{key}_sem", 0.0) for m in ("ptq_int4", "qat_int4")]
+        bars = ax.bar(names, lost, color=colors, yerr=sem, capsize=5, ecolor="k")
+        ax.bar_label(bars, labels=[f"{v:.4f}" for v in lost], padding=3)
+        ax.set_ylim(0, 1.25 * max(lost))
+        ax.set_ylabel(f"{ylabel} (0 = fp32)")
+        rec = a["recovered"].get(key)
+        ax.set_title(f"{title}: QAT recovers {100 * rec:.1f}%" if rec is not None else title)
+    ax = axes[2]
+    changed = [1.0 - a[m]["agreement"] for m in ("ptq_int4", "qat_int4")]
+    bars = ax.bar(names, changed, color=colors)
+    ax.bar_label(bars, labels=[f"{100 * v:.1f}%" for v in changed], padding=3)
+    tie = a.get("near_tie_share")
+    if tie is not None:
+        ax.axhline(tie, color="k", lw=1, ls="--",
+                   label=f"near ties in fp32 (top-1/top-2 gap < {a['near_tie_gap']})")  # fmt: skip
+        _legend_below(ax)
+    ax.set_ylim(0, 1.25 * max(changed + [tie or 0.0]))
+    ax.set_ylabel("share with a changed top-1 neighbour")
+    ax.set_title("top-1 neighbour changes (information)")
+    ax = axes[3]
+    ax.plot(range(1, len(a["curves"]["qat_loss"]) + 1), a["curves"]["qat_loss"], color="tab:green")
+    ax.set_yscale("log")
+    ax.set_xlabel("QAT step")
+    ax.set_ylabel("distillation loss (log scale)")
+    ax.set_title("QAT training (qat4)")
+    fig.suptitle(f"Part A: {a['model']}, {a['sentences']['held_out']} held-out sentences, "
+                 "error bars +- sem over sentences")  # fmt: skip
     fig.tight_layout()
     path = out / "part_a.png"
     fig.savefig(path, dpi=110)
@@ -68,22 +90,24 @@ def plot_part_b(b: dict, out: Path) -> Path:
     bars = ax.bar(["PTQ", "QAT"], [max(g, floor) for g in gaps], color=["tab:red", "tab:green"])
     ax.bar_label(bars, labels=[f"{g:.2e}" for g in gaps])
     ax.set_yscale("log")
-    ax.set_ylim(top=max(gaps) * 30)
-    ax.set_title("mean |logprob(train fwd) - logprob(INT4)|")
+    ax.set_ylim(max(min(gaps), floor) / 10, max(gaps) * 30)
+    ax.set_ylabel("mean |logprob(train fwd) - logprob(INT4)| (nats/byte, log)")
+    ax.set_title("train / serve mismatch")
     ax = axes[2]
     m = b["models"]
-    keys = [("hp_control", "HP control", "tab:blue"), ("ptq_int4", "PTQ INT4", "tab:red"),
-            ("qat_int4", "QAT INT4", "tab:green")]  # fmt: skip
-    ax.errorbar(
-        [label for _, label, _ in keys],
-        [m[k]["val_loss"] for k, _, _ in keys],
-        yerr=[m[k]["val_loss_sem"] for k, _, _ in keys],
-        fmt="o",
-        capsize=4,
-    )
-    ax.set_ylabel("held-out loss (nats/byte), +- sem")
-    ax.set_title(f"QAT - control: {b['qat_minus_control_val_loss']:+.4f} "
-                 f"+- {b['qat_minus_control_sem']:.4f} (paired)")  # fmt: skip
+    # Differences to the control on the same windows: their paired sem is what tells them apart
+    # (each model's own sem, over windows, is larger than the differences it would hide).
+    diffs = [m["ptq_int4"]["val_loss"] - m["hp_control"]["val_loss"],
+             b["qat_minus_control_val_loss"]]  # fmt: skip
+    sems = [b.get("ptq_minus_control_sem", 0.0), b["qat_minus_control_sem"]]
+    bars = ax.bar(["PTQ INT4", "QAT INT4"], diffs, color=["tab:red", "tab:green"], yerr=sems,
+                  capsize=5, ecolor="k")  # fmt: skip
+    ax.bar_label(bars, labels=[f"{d:+.4f}" for d in diffs], padding=3)
+    ax.axhline(0.0, color="k", lw=0.8)
+    span = max(abs(d) + s for d, s in zip(diffs, sems, strict=True))
+    ax.set_ylim(-1.3 * span, 1.3 * span)
+    ax.set_ylabel("held-out loss - HP control (nats/byte)")
+    ax.set_title("vs the high-precision control (QAT: +- paired sem)")
     fig.tight_layout()
     path = out / "part_b.png"
     fig.savefig(path, dpi=110)
