@@ -324,8 +324,13 @@ def compute_qparams(
 
     The scales hold values exactly representable in scale_dtype (storing them is lossless).
     """
+    return _qparams_from_raw(*_raw_scales(groups, scheme), scheme)
+
+
+def _qparams_from_raw(
+    raw: torch.Tensor, lo: torch.Tensor, scheme: Int4Scheme
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     info = torch.finfo(scheme.scale_dtype)
-    raw, lo = _raw_scales(groups, scheme)
     scales = round_to_dtype(raw.clamp(min=info.tiny, max=info.max), scheme.scale_dtype)
     if scheme.symmetric:
         return scales, None
@@ -338,18 +343,24 @@ def quantize_codes(
     scales: torch.Tensor,
     zeros: torch.Tensor | None,
     scheme: Int4Scheme,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
 ) -> torch.Tensor:
     """Integer codes (as fp32) in [qmin, qmax] of fp32 groups [..., G], for weights of `dtype`.
 
     Codes are also clamped so that |(code - zero) * scale| <= finfo(dtype).max: dequantizing to
     the weight dtype never overflows to Inf (an fp16 group whose amax is >= 61440 under (-8, 7)
-    would otherwise dequantize its -amax to -8 * amax / 7.5).
+    would otherwise dequantize its -amax to -8 * amax / 7.5). `dtype=None` skips that clamp, for
+    a caller that checked it changes nothing (`_dtype_clamp_is_noop`).
     """
     s = scales.float().unsqueeze(-1)
-    q = torch.round(groups / s)
+    q = groups / s
+    q.round_()
     z = 0.0 if zeros is None else zeros.float().unsqueeze(-1)
-    q = (q + z).clamp(scheme.qmin, scheme.qmax)
+    if zeros is not None:
+        q.add_(z)
+    q.clamp_(scheme.qmin, scheme.qmax)
+    if dtype is None:
+        return q
     # as many steps of `scale` as fit in the dtype's range (inf for small scales: no clamp)
     span = torch.floor(torch.finfo(dtype).max / s)
     return torch.minimum(torch.maximum(q, z - span), z + span)
@@ -444,10 +455,11 @@ class PackedWeight:
         return sum(t.numel() * t.element_size() for t in self.tensors().values() if t is not None)
 
 
-def _check_scalable(groups: torch.Tensor, shape: torch.Size, scheme: Int4Scheme) -> None:
-    """Refuse groups whose scale would saturate at scale_dtype's max (their codes would clip)."""
+def _check_scalable(
+    raw: torch.Tensor, groups: torch.Tensor, shape: torch.Size, scheme: Int4Scheme
+) -> None:
+    """Refuse groups whose raw scale would saturate at scale_dtype's max (codes would clip)."""
     info = torch.finfo(scheme.scale_dtype)
-    raw, _ = _raw_scales(groups, scheme)
     if bool((raw > info.max).any()):
         if scheme.symmetric:
             fits = f"|w| <= {scheme.divisor * info.max:.6g}"
@@ -471,20 +483,30 @@ def quantize(w: torch.Tensor, scheme: QuantScheme | None = None, dim: int = -1) 
     if w.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"can only quantize float32/bfloat16/float16 weights, got {w.dtype}")
     w = w.detach()
-    if not bool(torch.isfinite(w).all()):
+    # one pass without allocation: NaN and Inf propagate through a sum; only a non-finite sum
+    # (a bad value, or a finite overflow) pays for the elementwise check
+    if not bool(torch.isfinite(w.sum(dtype=torch.float32))) and not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"weight of shape {tuple(w.shape)} has {bad} non-finite values (NaN/Inf)")
     return scheme.quantize(w, check_dim(w, dim))
 
 
+def _dtype_clamp_is_noop(scales: torch.Tensor, scheme: Int4Scheme, dtype: torch.dtype) -> bool:
+    """True when no group's codes can reach finfo(dtype).max: quantize_codes' clamp does nothing."""
+    span = torch.floor(torch.finfo(dtype).max / scales)
+    return bool((span >= scheme.qmax - scheme.qmin).all())
+
+
 def _int4_quantize(w: torch.Tensor, scheme: Int4Scheme, dim: int) -> PackedWeight:
     groups = _grouped(w, dim, scheme)
-    _check_scalable(groups, w.shape, scheme)
-    scales, zeros = compute_qparams(groups, scheme)
-    codes = quantize_codes(groups, scales, zeros, scheme, w.dtype).to(torch.int8)
+    raw, lo = _raw_scales(groups, scheme)
+    _check_scalable(raw, groups, w.shape, scheme)
+    scales, zeros = _qparams_from_raw(raw, lo, scheme)
+    clamp_dtype = None if _dtype_clamp_is_noop(scales, scheme, w.dtype) else w.dtype
+    codes = quantize_codes(groups, scales, zeros, scheme, clamp_dtype)
     codes = codes.reshape(*groups.shape[:-2], -1)
     return PackedWeight(
-        qweight=pack_int4(codes),
+        qweight=pack_nibbles(codes.add_(CODE_OFFSET).to(torch.uint8)),
         scales=scales.to(scheme.scale_dtype).contiguous(),
         zeros=None if zeros is None else zeros.to(torch.int8).contiguous(),
         shape=w.shape,
