@@ -1,6 +1,7 @@
 """The native kernel's build cache: compile once per machine, verify what is loaded.
 
     lib = open_library(source, flags, compiler)    # ctypes.CDLL; OSError/RuntimeError say why
+    lib, why = load_kernel(source, flags, stem, "W4A16")  # or (None, why), the machine's checks
 
 The library lives in `$QATPASS_CACHE_DIR` (default `$XDG_CACHE_HOME/qatpass`, else
 `~/.cache/qatpass`) as `<stem>-<key>.so` beside `<stem>-<key>.so.sha256`, the sha256 of its bytes
@@ -26,6 +27,8 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
+import shutil
 import stat
 import subprocess
 import tempfile
@@ -220,3 +223,21 @@ def open_library(source: Path, flags, compiler: str, stem: str = "w4a16_cpu") ->
         if data is None:
             raise RuntimeError(f"the kernel just built into {path} does not verify")
     return _dlopen_bytes(data, path.name)
+
+
+def load_kernel(source: Path, flags, stem: str, what: str) -> tuple[ctypes.CDLL | None, str | None]:
+    """(library, None) or (None, why it is unavailable here): QATPASS_CPU_KERNEL=0, not x86-64,
+    no C compiler, or a failed build (logged, naming `what`). The CPU feature check is the
+    caller's: each library exports its own."""
+    if os.environ.get("QATPASS_CPU_KERNEL", "1") == "0":
+        return None, "disabled by QATPASS_CPU_KERNEL=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"the kernel is x86-64 only (this CPU: {platform.machine()})"
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None, "no C compiler found ($CC or cc)"
+    try:
+        return open_library(source, flags, compiler, stem=stem), None
+    except (OSError, RuntimeError) as e:
+        log.warning("qatpass: CPU %s kernel unavailable: %s", what, e)
+        return None, f"build failed: {e}"

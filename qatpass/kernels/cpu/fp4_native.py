@@ -16,13 +16,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from qatpass.kernels.cpu.build import open_library
+from qatpass.kernels.cpu.build import load_kernel
 
 __all__ = ["fp4_kernel_reason", "fp4_native_linear"]
 
@@ -37,20 +35,9 @@ _I64, _INT, _PTR, _F32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c
 
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
-    if os.environ.get("QATPASS_CPU_KERNEL", "1") == "0":
-        return None, "disabled by QATPASS_CPU_KERNEL=0"
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None, f"the kernel is x86-64 only (this CPU: {platform.machine()})"
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        return None, "no C compiler found ($CC or cc)"
-    try:
-        lib = open_library(_SOURCE, _FLAGS, compiler, stem="fp4_cpu")
-    except (OSError, RuntimeError) as e:
-        log.warning("qatpass: CPU FP4 kernel unavailable: %s", e)
-        return None, f"build failed: {e}"
+    lib, why = load_kernel(_SOURCE, _FLAGS, "fp4_cpu", "FP4")
+    if lib is None:
+        return None, why
     if not lib.qp_fp4_supported():
         return None, "this CPU lacks AVX-512 BW"
     lib.qp_fp4_linear.argtypes = [_PTR, _I64, _PTR, _PTR, _F32, _INT, _PTR, _I64, _I64, _I64,

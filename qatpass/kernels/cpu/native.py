@@ -26,14 +26,12 @@ import contextlib
 import ctypes
 import functools
 import logging
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from qatpass.kernels.cpu.build import compile_library, open_library
+from qatpass.kernels.cpu.build import compile_library, load_kernel
 from qatpass.packed_args import check_packed_args
 
 __all__ = [
@@ -67,20 +65,9 @@ def _compile(compiler: str, out: Path) -> None:
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
     """(library, None) or (None, why it is unavailable). Built at most once per process."""
-    if os.environ.get("QATPASS_CPU_KERNEL", "1") == "0":
-        return None, "disabled by QATPASS_CPU_KERNEL=0"
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None, f"the kernel is x86-64 only (this CPU: {platform.machine()})"
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        return None, "no C compiler found ($CC or cc)"
-    try:
-        lib = open_library(_SOURCE, _FLAGS, compiler)
-    except (OSError, RuntimeError) as e:
-        log.warning("qatpass: CPU W4A16 kernel unavailable: %s", e)
-        return None, f"build failed: {e}"
+    lib, why = load_kernel(_SOURCE, _FLAGS, "w4a16_cpu", "W4A16")
+    if lib is None:
+        return None, why
     if not lib.qp_cpu_supported():
         return None, "this CPU lacks AVX-512 BW/BF16 or F16C"
     _declare(lib)
