@@ -55,6 +55,17 @@ __all__ = [
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SCALE_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in _FLOAT_DTYPES}
 _DICT_KEYS = ("group_size", "symmetric", "qrange", "scale_dtype")
+
+
+def check_scheme_dict(d: object, keys: tuple[str, ...], what: str) -> None:
+    """Refuse a scheme dict that is not a dict or holds a key outside `keys` (names them)."""
+    if not isinstance(d, dict):
+        raise TypeError(f"a scheme dict must be a dict, got {type(d).__name__}")
+    unknown = sorted(set(d) - set(keys))
+    if unknown:
+        raise ValueError(f"unknown {what} key(s) {unknown}; known: {list(keys)}")
+
+
 CODE_OFFSET = 8  # stored nibble = code + 8, so codes in [-8, 7] fit 0..15
 
 
@@ -162,11 +173,7 @@ class Int4Scheme(QuantScheme):
     @classmethod
     def from_dict(cls, d: dict) -> Int4Scheme:
         """Inverse of to_dict, strict: JSON types exactly (a bool is true/false, never "false")."""
-        if not isinstance(d, dict):
-            raise TypeError(f"a scheme dict must be a dict, got {type(d).__name__}")
-        unknown = sorted(set(d) - set(_DICT_KEYS))
-        if unknown:
-            raise ValueError(f"unknown scheme key(s) {unknown}; known: {list(_DICT_KEYS)}")
+        check_scheme_dict(d, _DICT_KEYS, "scheme")
         qrange = d.get("qrange", (-7, 7))
         if not isinstance(qrange, (list, tuple)) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in qrange

@@ -26,7 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
-from qatpass.scheme import PackedWeight, QuantScheme, check_dim, pack_nibbles, unpack_nibbles
+from qatpass.scheme import (
+    PackedWeight,
+    QuantScheme,
+    check_dim,
+    check_scheme_dict,
+    pack_nibbles,
+    unpack_nibbles,
+)
 
 __all__ = [
     "Fp4Scheme",
@@ -157,11 +164,7 @@ class Fp4Scheme(QuantScheme):
 
     @classmethod
     def from_dict(cls, d: dict) -> Fp4Scheme:
-        if not isinstance(d, dict):
-            raise TypeError(f"a scheme dict must be a dict, got {type(d).__name__}")
-        unknown = sorted(set(d) - set(_DICT_KEYS))
-        if unknown:
-            raise ValueError(f"unknown FP4 scheme key(s) {unknown}; known: {list(_DICT_KEYS)}")
+        check_scheme_dict(d, _DICT_KEYS, "FP4 scheme")
         return cls(d.get("format", "nvfp4"))
 
     def bytes_per_weight(self, k: int) -> float:
