@@ -144,6 +144,8 @@ typedef struct {
   __m512i lut;        // symmetric: bf16 of value(i % 16), i < 32 (INT4 i % 16 - 8, FP4 E2M1)
   __m512 base;        // fp32 value(i), i < 16
   __m512 gscale;      // NVFP4's global scale in every lane (1 otherwise)
+  __m512 e4m3_tab;    // NVFP4, lane i: 2**8 * fl((1 + (i % 8) / 8) / gscale)
+  int e4m3_by_table;  // NVFP4: e4m3 / gscale through e4m3_tab (exact for this gscale), else vdivps
   __m512i lane_grp;   // epi32 lane i: the group of k = 8i within a block (0 .. GPB-1)
   __m256i lane_grp16; // the same as 16 words
   __m512i word_grp;   // epi16 word j: (group of k = 4j) << 4, for the asymmetric index
@@ -159,6 +161,16 @@ static Dec make_dec(int64_t k, int64_t g, int kind, float gscale) {
   Dec d;
   d.k = k;
   d.gscale = _mm512_set1_ps(IS_FP4(kind) ? gscale : 1.0f);
+  // Every E4M3 value v is +-2**E * (1 + m/8) (m < 8; the subnormals too, as fp32) or 0, and an
+  // IEEE division's rounding commutes with powers of two while operands and results stay normal:
+  // v / gs == +-2**E * fl((1 + m/8) / gs). With 2**-118 <= |gs| <= 2**117 every quotient
+  // (|v| in [2**-9, 448]) and table entry is a normal fp32, so the table gives the division's
+  // result bit for bit at a multiply instead of a vdivps (the divider bounded the M = 1 speed).
+  // (The entries carry the 2**8 that e4m3_f32_over_256 leaves out: still normal in that range.)
+  float tab[16];
+  for (int i = 0; i < 16; ++i) tab[i] = (1.0f + (float)(i % 8) / 8.0f) / gscale * 256.0f;
+  d.e4m3_tab = _mm512_loadu_ps(tab);
+  d.e4m3_by_table = fabsf(gscale) >= 0x1p-118f && fabsf(gscale) <= 0x1p117f;
   d.blocks = (k + KB - 1) / KB;
   d.groups = k / g;
   int shift = 62;
@@ -210,12 +222,11 @@ static inline int gpb_of(const Dec* d) { return d->shift >= 7 ? 1 : KB >> d->shi
 
 // 16 FP8 E4M3 bytes -> fp32, exactly: sign-extended to 16 bits and shifted left by 7, the sign
 // lands in fp16's sign bit and the exponent and mantissa in fp16's fields (bit 14 cleared); fp16's
-// exponent bias is 15, E4M3's 7, so that fp16 is the E4M3 value * 2**-8, subnormals included;
-// vcvtph2ps widens it exactly and * 256 restores it. (The NaN byte never occurs.)
-static inline __m512 e4m3_f32(__m128i bytes) {
+// exponent bias is 15, E4M3's 7, so that fp16 is the E4M3 value * 2**-8, subnormals included,
+// and vcvtph2ps widens it exactly. Returns value * 2**-8. (The NaN byte never occurs.)
+static inline __m512 e4m3_f32_over_256(__m128i bytes) {
   const __m256i h = _mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7);
-  const __m256i f16 = _mm256_and_si256(h, _mm256_set1_epi16((short)0xBF80));
-  return _mm512_mul_ps(_mm512_cvtph_ps(f16), _mm512_set1_ps(256.0f));
+  return _mm512_cvtph_ps(_mm256_and_si256(h, _mm256_set1_epi16((short)0xBF80)));
 }
 
 // E8M0 bytes e (one per epi32 lane) -> fp32 2**(e - 127): e in the exponent field, and e = 0
@@ -227,15 +238,21 @@ static inline __m512 e8m0_f32(__m512i e) {
 }
 
 // Scales at..at + 15 of a scale array as fp32 (lanes outside `mask` zero): what each group's
-// sum is multiplied by. NVFP4: e4m3 / gscale (vdivps: the scheme's IEEE fp32 division).
+// sum is multiplied by. NVFP4: e4m3 / gscale, the scheme's IEEE fp32 division (see make_dec).
 static inline __attribute__((always_inline)) __m512 scales16(const void* scales, int kind,
                                                              int64_t at, __mmask16 mask,
-                                                             __m512 gscale) {
+                                                             const Dec* d) {
   if (kind == S_F32) return _mm512_maskz_loadu_ps(mask, (const float*)scales + at);
   if (IS_FP4(kind)) {
-    const __m128i v = _mm_maskz_loadu_epi8(mask, (const uint8_t*)scales + at);
-    if (kind == S_E8M0) return _mm512_maskz_mov_ps(mask, e8m0_f32(_mm512_cvtepu8_epi32(v)));
-    return _mm512_div_ps(e4m3_f32(v), gscale);  // lanes outside mask: 0 / gscale = 0
+    const __m128i bytes = _mm_maskz_loadu_epi8(mask, (const uint8_t*)scales + at);
+    if (kind == S_E8M0) return _mm512_maskz_mov_ps(mask, e8m0_f32(_mm512_cvtepu8_epi32(bytes)));
+    const __m512 v = e4m3_f32_over_256(bytes);  // lanes outside mask: 0, and 0 / gscale = 0
+    if (!d->e4m3_by_table) return _mm512_div_ps(_mm512_mul_ps(v, _mm512_set1_ps(256.0f)), d->gscale);
+    // +-2**(E - 8) (v's sign and exponent bits) times the entry of m (bits 20-22; vpermps reads
+    // the low 4 index bits, and the table repeats its 8 values)
+    const __m512 frac = _mm512_permutexvar_ps(_mm512_srli_epi32((__m512i)v, 20), d->e4m3_tab);
+    const __m512 pow2 = (__m512)_mm512_and_si512((__m512i)v, _mm512_set1_epi32((int)0xFF800000u));
+    return _mm512_mul_ps(pow2, frac);
   }
   const __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t*)scales + at);
   if (kind == S_F16) return _mm512_cvtph_ps(h);
@@ -278,7 +295,7 @@ static inline __attribute__((always_inline)) __m512 fp4_scales(const Row* r, con
                                                                const int gpb) {
   const int64_t at = first_group(d, b, gpb), left = d->groups - at;
   const __mmask16 mask = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-  return scales16(r->s, kind, at, mask, d->gscale);
+  return scales16(r->s, kind, at, mask, d);
 }
 
 // The block's scales as fp32, lane i = scale of the group holding k = 128b + 8i. FP4 decodes the
@@ -656,7 +673,7 @@ static void block_tables(const void* scales, int kind, const int8_t* zeros, cons
       for (int i = 0; i < GN; ++i) {
         const int64_t row = n0 + s * GN + i;
         const int in = row < n;
-        r[i] = in ? (__m512i)scales16(scales, kind, row * groups + gb, mask, d->gscale)
+        r[i] = in ? (__m512i)scales16(scales, kind, row * groups + gb, mask, d)
                   : _mm512_setzero_si512();
         if (zeros) {
           const __m128i zb = _mm_maskz_loadu_epi8(mask, zeros + row * groups + gb);
@@ -921,7 +938,7 @@ int qp_w4a16_f32(const float* x, int64_t ldx, const uint8_t* qweight, const void
         for (int64_t at = 0; at < d.groups + 1; at += 16) {
           const int64_t left = d.groups - at;
           const __mmask16 mask = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-          _mm512_storeu_ps(sb + at, scales16(r.s, scale_kind, at, mask, d.gscale));
+          _mm512_storeu_ps(sb + at, scales16(r.s, scale_kind, at, mask, &d));
         }
         r.s = (const char*)sb;
         kind = S_F32;
