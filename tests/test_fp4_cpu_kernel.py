@@ -195,3 +195,15 @@ def test_refusals_name_the_argument():
     with pytest.raises(ValueError, match="x must be"):
         check_fp4_args(x.half(), p.qweight, p.scales, p.global_scale, "nvfp4")
     assert fp4_native_linear(x.half(), p.qweight, p.scales, p.global_scale, "nvfp4") is None
+
+
+@pytest.mark.parametrize("fmt", sorted(SCHEMES))
+@pytest.mark.parametrize("m", [3, 7])
+def test_tiles_that_split_k_at_an_odd_block(fmt, m):
+    """Long K: the tile path passes over x in spans of 64 / M blocks (21 for M = 3, 9 for 7), so
+    a pass starts inside a chunk of decoded scales."""
+    k = 3072
+    p = _random_packed(6, k, fmt, seed=m)
+    x = torch.randn(m, k).bfloat16()
+    y = run_fp4(library(), x, p.qweight, p.scales, p.global_scale, fmt)
+    _check_close(y, x, SCHEMES[fmt].dequantize(p, F32))
