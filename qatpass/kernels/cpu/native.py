@@ -1,4 +1,4 @@
-"""qatpass's own CPU W4A16 and FP4 kernel (AVX-512 BF16), reading the canonical packed formats as is.
+"""qatpass's own CPU W4A16 and FP4 kernel (AVX-512 BF16), reading the canonical packed formats.
 
 `native_linear(x2d, qweight, scales, zeros, bias, group_size)` computes x @ W.T (+ bias) straight from
 the canonical int32 nibbles and the scheme's scales: no repack, so nothing but the packed weight
@@ -16,10 +16,13 @@ the compiler's version, and verified before it is loaded (`build.py`: ownership 
 directory and files, a sha256 recorded at build time; damaged files are rebuilt). Set
 `QATPASS_CPU_KERNEL=0` to turn it off (the aten int4 path and the fallback remain).
 
-FP4 (NVFP4, MXFP4: `run_fp4`, called by `fp4_native.py`) runs through the same C functions with
-another 16-entry table (the E2M1 values, exact in bf16) and the block scales decoded in the kernel
-from their bytes (E4M3 / global scale with an IEEE division, E8M0 as 2**(e - 127)): fp32 y equal
-to x @ dequantize(p, float32).T up to fp32 summation order, at every thread count.
+FP4 (NVFP4, MXFP4: `run_fp4`, called by `fp4_native.py`) runs through the same C functions and
+paths with another 16-entry table (the E2M1 values, exact in bf16) and the block scales decoded
+in the kernel from their bytes, bit for bit as the scheme's `element_scales` (E4M3 / global
+scale, the IEEE fp32 quotient; E8M0 as 2**(e - 127), 2**-127 included), applied per lane as
+INT4's group scales: fp32 y equal to x @ dequantize(p, float32).T up to fp32 summation order, at
+every thread count; K % 16 (NVFP4) or 32 (MXFP4). `disabled()` leaves FP4 alone (its fallback is
+the ops' dequantize, chosen by `fp4_native.fp4_kernel_reason`).
 
 Every call into the library first checks the invariants the C code relies on
 (`check_native_args`, `check_fp4_args`), so no public or registered entry reaches it with

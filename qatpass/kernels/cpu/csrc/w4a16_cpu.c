@@ -21,7 +21,10 @@
 // vdpbf16ps take the dot product in fp32 (bf16 x bf16 products are exact in fp32): lane i sums
 // k = 128b + 8i .. 8i + 7, inside one group, and one fma applies the block's scales (one
 // permute of the block's 1, 2, 4 or 8 scales). That is 13 vector instructions per 64-byte line.
-// NVFP4's E4M3 scales are decoded 16 at a time (two blocks: one vdivps), MXFP4's 4 per block.
+// FP4's scale bytes are decoded 16 at a time, for a chunk of blocks (two NVFP4 ones, four MXFP4
+// ones) per row: E8M0 into fp32's exponent field; E4M3 widened exactly through fp16, and its
+// quotient by the global scale read from a 16-entry table that equals the IEEE division bit for
+// bit (make_dec; vdivps where the table's range condition fails).
 // Asymmetric tables hold up to four groups (vpermt2w, 64 entries, the group in index bits 4-5).
 //
 // Paths: M = 1 streams four weight rows at once (one from each quarter of N: four streams,
@@ -160,7 +163,8 @@ typedef struct {
 static Dec make_dec(int64_t k, int64_t g, int kind, float gscale) {
   Dec d;
   d.k = k;
-  d.gscale = _mm512_set1_ps(IS_FP4(kind) ? gscale : 1.0f);
+  const float gs = IS_FP4(kind) ? gscale : 1.0f;
+  d.gscale = _mm512_set1_ps(gs);
   // Every E4M3 value v is +-2**E * (1 + m/8) (m < 8; the subnormals too, as fp32) or 0, and an
   // IEEE division's rounding commutes with powers of two while operands and results stay normal:
   // v / gs == +-2**E * fl((1 + m/8) / gs). With 2**-118 <= |gs| <= 2**117 every quotient
@@ -168,9 +172,9 @@ static Dec make_dec(int64_t k, int64_t g, int kind, float gscale) {
   // result bit for bit at a multiply instead of a vdivps (the divider bounded the M = 1 speed).
   // (The entries carry the 2**8 that e4m3_f32_over_256 leaves out: still normal in that range.)
   float tab[16];
-  for (int i = 0; i < 16; ++i) tab[i] = (1.0f + (float)(i % 8) / 8.0f) / gscale * 256.0f;
+  for (int i = 0; i < 16; ++i) tab[i] = (1.0f + (float)(i % 8) / 8.0f) / gs * 256.0f;
   d.e4m3_tab = _mm512_loadu_ps(tab);
-  d.e4m3_by_table = fabsf(gscale) >= 0x1p-118f && fabsf(gscale) <= 0x1p117f;
+  d.e4m3_by_table = fabsf(gs) >= 0x1p-118f && fabsf(gs) <= 0x1p117f;
   d.blocks = (k + KB - 1) / KB;
   d.groups = k / g;
   int shift = 62;
