@@ -10,7 +10,9 @@ over it, applying each group's scale to its fp32 partial sum with one fma. So th
 x @ W.T with W the scheme's fp32 dequantize, as the native kernel computes it, up to fp32
 summation order, and bit-identical at any thread count. Below GEMM_MIN_M the native kernel
 (`native.run_native`) runs: its per-tile decode costs less than a whole decode when x has few
-rows. `kernels.cpu.linear` picks per call from M (`use_gemm`), never at trace time.
+rows. `kernels.cpu.linear` picks per call from M (`use_gemm`), never at trace time; so does
+`fp4_native.fp4_native_linear` for FP4 weights (the same kernel with the E2M1 table and the
+scales decoded from their bytes).
 """
 
 from __future__ import annotations

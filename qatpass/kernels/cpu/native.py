@@ -1,4 +1,4 @@
-"""qatpass's own CPU W4A16 kernel (AVX-512 BF16), reading the canonical packed format as is.
+"""qatpass's own CPU W4A16 and FP4 kernel (AVX-512 BF16), reading the canonical packed formats.
 
 `native_linear(x2d, qweight, scales, zeros, bias, group_size)` computes x @ W.T (+ bias) straight from
 the canonical int32 nibbles and the scheme's scales: no repack, so nothing but the packed weight
@@ -16,8 +16,17 @@ the compiler's version, and verified before it is loaded (`build.py`: ownership 
 directory and files, a sha256 recorded at build time; damaged files are rebuilt). Set
 `QATPASS_CPU_KERNEL=0` to turn it off (the aten int4 path and the fallback remain).
 
+FP4 (NVFP4, MXFP4: `run_fp4`, called by `fp4_native.py`) runs through the same C functions and
+paths with another 16-entry table (the E2M1 values, exact in bf16) and the block scales decoded
+in the kernel from their bytes, bit for bit as the scheme's `element_scales` (E4M3 / global
+scale, the IEEE fp32 quotient; E8M0 as 2**(e - 127), 2**-127 included), applied per lane as
+INT4's group scales: fp32 y equal to x @ dequantize(p, float32).T up to fp32 summation order, at
+every thread count; K % 16 (NVFP4) or 32 (MXFP4). `disabled()` leaves FP4 alone (its fallback is
+the ops' dequantize, chosen by `fp4_native.fp4_kernel_reason`).
+
 Every call into the library first checks the invariants the C code relies on
-(`check_native_args`), so no public or registered entry reaches it with unchecked buffers.
+(`check_native_args`, `check_fp4_args`), so no public or registered entry reaches it with
+unchecked buffers.
 """
 
 from __future__ import annotations
@@ -35,7 +44,9 @@ from qatpass.kernels.cpu.build import compile_library, load_kernel
 from qatpass.packed_args import check_packed_args
 
 __all__ = [
+    "FP4_SCALE_KIND",
     "NATIVE_DTYPES",
+    "check_fp4_args",
     "check_native_args",
     "disabled",
     "disabled_depth",
@@ -43,6 +54,7 @@ __all__ = [
     "library",
     "native_linear",
     "native_reason",
+    "run_fp4",
     "run_native",
 ]
 
@@ -53,7 +65,9 @@ _SOURCE = Path(__file__).with_name("csrc") / "w4a16_cpu.c"
 _FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
           "-mavx512bf16", "-mfma", "-mf16c")  # fmt: skip
 _SCALE_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-_I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+# FP4 format -> (scale kind in the C code, its stored scale dtype, block size along K)
+FP4_SCALE_KIND = {"nvfp4": (3, torch.float8_e4m3fn, 16), "mxfp4": (4, torch.uint8, 32)}
+_I64, _INT, _PTR, _F32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 
 
 def _compile(compiler: str, out: Path) -> None:
@@ -76,11 +90,11 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
 
 def _declare(lib: ctypes.CDLL) -> None:
     """The C signatures (csrc/w4a16_cpu.c), so ctypes converts the arguments."""
-    lib.qp_w4a16_bf16.argtypes = [_PTR, _I64, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _INT, _I64,
-                                  _I64, _I64, _I64, _INT]  # fmt: skip
+    lib.qp_w4a16_bf16.argtypes = [_PTR, _I64, _PTR, _PTR, _INT, _F32, _PTR, _PTR, _PTR, _INT,
+                                  _I64, _I64, _I64, _I64, _INT]  # fmt: skip
     lib.qp_w4a16_bf16.restype = _INT
-    lib.qp_w4a16_f32.argtypes = [_PTR, _I64, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _I64, _I64,
-                                 _I64, _I64, _INT]  # fmt: skip
+    lib.qp_w4a16_f32.argtypes = [_PTR, _I64, _PTR, _PTR, _INT, _F32, _PTR, _PTR, _PTR, _I64,
+                                 _I64, _I64, _I64, _INT]  # fmt: skip
     lib.qp_w4a16_f32.restype = _INT
     lib.qp_arrange_bf16.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
     lib.qp_arrange_bf16.restype = None
@@ -244,18 +258,97 @@ def run_native(
     m, n, k = check_native_args(x2d, qweight, scales, zeros, bias, group_size)
     qweight, scales, zeros, zeros_ptr = _weight_ptrs(qweight, scales, zeros)
     bias32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    bias_ptr = None if bias32 is None else bias32.data_ptr()
     y = torch.empty((m, n), dtype=x2d.dtype)
+    kind = _SCALE_KIND[scales.dtype]
+    _call(lib, x2d, qweight, scales, kind, 1.0, zeros_ptr, bias32, y, group_size, gemm)
+    return y
+
+
+def _call(lib, x2d, qweight, scales, kind: int, gscale: float, zeros_ptr, bias32, y, g: int,
+          gemm: bool) -> None:  # fmt: skip
+    """One call into the library on checked, contiguous buffers; y [M, N] is written (bf16 or
+    fp32 for bf16 x, fp32 for fp32 x)."""
+    (m, k), n = x2d.shape, qweight.shape[0]
     if m == 0 or n == 0:
-        return y
+        return
     x2d = _x_rows(x2d)
     threads = torch.get_num_threads()
-    kind = _SCALE_KIND[scales.dtype]
+    bias_ptr = None if bias32 is None else bias32.data_ptr()
     bf16 = x2d.dtype == torch.bfloat16
     fn = (lib.qp_w4a16_gemm_bf16 if gemm else lib.qp_w4a16_bf16) if bf16 else lib.qp_w4a16_f32
-    extra = (0,) if bf16 else ()  # bf16: out_kind 0 (bf16 y)
-    rc = fn(x2d.data_ptr(), x2d.stride(0), qweight.data_ptr(), scales.data_ptr(), kind,
-            zeros_ptr, bias_ptr, y.data_ptr(), *extra, m, n, k, group_size, threads)  # fmt: skip
+    extra = ((2 if y.dtype == torch.float32 else 0),) if bf16 else ()  # bf16 x: y's dtype
+    rc = fn(x2d.data_ptr(), x2d.stride(0), qweight.data_ptr(), scales.data_ptr(), kind, gscale,
+            zeros_ptr, bias_ptr, y.data_ptr(), *extra, m, n, k, g, threads)  # fmt: skip
+    if rc == -2:
+        raise RuntimeError(f"native kernel: refused scale kind {kind} with group size {g}")
     if rc:
         raise MemoryError("native kernel: no memory for the arranged activations or buffers")
+
+
+def check_fp4_args(
+    x2d: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    fmt: str,
+) -> tuple[int, int, int]:
+    """The invariants the C code relies on for an FP4 call (as `check_native_args` for INT4).
+
+    Returns (M, N, K); ValueError naming the argument otherwise.
+    """
+    if fmt not in FP4_SCALE_KIND:
+        raise ValueError(f"fp4 kernel: fmt must be one of {sorted(FP4_SCALE_KIND)}, got {fmt!r}")
+    _, scale_dtype, block = FP4_SCALE_KIND[fmt]
+    xs, qs = x2d.shape, qweight.shape
+    if len(xs) != 2 or x2d.dtype not in NATIVE_DTYPES or not x2d.is_cpu:
+        raise ValueError(
+            f"fp4 kernel: x must be a 2-d bfloat16/float32 CPU tensor, got {x2d.dtype} "
+            f"{tuple(xs)} on {x2d.device}"
+        )
+    m, k = xs
+    if len(qs) != 2 or qweight.dtype != torch.int32 or qs[1] * 8 != k or k % block:
+        raise ValueError(
+            f"fp4 kernel: qweight must be int32 [N, K/8] = [N, {k // 8}] with K % {block} == 0, "
+            f"got {qweight.dtype} {tuple(qs)}"
+        )
+    n = qs[0]
+    want = (n, k // block)
+    if scales.shape != want or scales.dtype != scale_dtype:
+        raise ValueError(
+            f"fp4 kernel: {fmt} scales must be {scale_dtype} {want}, got {scales.dtype} "
+            f"{tuple(scales.shape)}"
+        )
+    if (fmt == "nvfp4") != (global_scale is not None):
+        raise ValueError(
+            f"fp4 kernel: global_scale is {'required' if fmt == 'nvfp4' else 'not used'} for {fmt}"
+        )
+    if global_scale is not None and global_scale.numel() != 1:
+        raise ValueError(
+            f"fp4 kernel: global_scale must hold one value, got {tuple(global_scale.shape)}"
+        )
+    for name, t in (("qweight", qweight), ("scales", scales), ("global_scale", global_scale)):
+        if t is not None and not t.is_cpu:
+            raise ValueError(f"fp4 kernel: {name} must be on CPU, got {t.device}")
+    return m, n, k
+
+
+def run_fp4(
+    lib: ctypes.CDLL,
+    x2d: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    fmt: str,
+    *,
+    gemm: bool = False,
+) -> torch.Tensor:
+    """fp32 x2d [M, K] @ W.T for an FP4 weight (NVFP4 / MXFP4), no bias -> fp32 [M, N]; `gemm` as
+    for `run_native` (bf16 x). Checked here (`check_fp4_args`)."""
+    m, n, _ = check_fp4_args(x2d, qweight, scales, global_scale, fmt)
+    kind, _, block = FP4_SCALE_KIND[fmt]
+    qweight = qweight.contiguous()
+    scales = scales.contiguous().view(torch.uint8)  # the bytes the C code decodes
+    gscale = 1.0 if global_scale is None else float(global_scale.reshape(()).float())
+    y = torch.empty((m, n), dtype=torch.float32)
+    _call(lib, x2d, qweight, scales, kind, gscale, None, None, y, block, gemm)
     return y

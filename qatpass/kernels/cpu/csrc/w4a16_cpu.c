@@ -1,10 +1,16 @@
-// W4A16 matmul on x86 CPUs with AVX-512 (BW + BF16), reading qatpass's canonical packed format.
+// W4A16 and FP4 matmul on x86 CPUs with AVX-512 (BW + BF16), reading qatpass's canonical packed
+// formats (qatpass/scheme.py, qatpass/scheme_fp4.py).
 //
-//   y[m, n] = sum_k x[m, k] * (code[n, k] - zero[n, k / g]) * scale[n, k / g]  (+ bias[n])
+//   y[m, n] = sum_k x[m, k] * value(nibble[n, k]) * scale[n, k / g]  (+ bias[n])
 //
-// Weights: qweight bytes [N, K/2], byte j of a row holds k = 2j (low nibble) and 2j + 1 (high);
-// code = nibble - 8. Scales: [N, K/g] in bf16, fp16 or fp32 (scale_kind 0/1/2). Zeros: int8
-// [N, K/g] (signed codes) or NULL (symmetric). K % 32 == 0; g % 32 == 0, a power of two or K.
+// Weights: qweight bytes [N, K/2], byte j of a row holds k = 2j (low nibble) and 2j + 1 (high).
+// INT4 (scale_kind 0/1/2: scales bf16, fp16 or fp32 [N, K/g]): value = nibble - 8 - zero, zeros
+// int8 [N, K/g] (signed codes) or NULL (symmetric); K % 32 == 0; g % 32 == 0, a power of two or K.
+// FP4 (zeros NULL): value = the E2M1 code's value (sign bit 8 | magnitude index 0..7 of 0, 0.5,
+// 1, 1.5, 2, 3, 4, 6), scale bytes [N, K/g] decoded here, exactly: scale_kind 3 NVFP4 (g = 16,
+// FP8 E4M3, scale = e4m3 / global_scale, an IEEE division as the scheme's), 4 MXFP4 (g = 32,
+// E8M0, scale = 2**(e - 127)); K % 16 == 0 (NVFP4) or 32. Every value is exact in bf16, so FP4 is
+// the same decode with another 16-entry table; its scales are applied per lane like INT4's.
 //
 // bf16 activations work on blocks of 128 weights, one 64-byte line of nibbles: loaded as 32
 // 16-bit words, word j holds k = 4j .. 4j + 3 in its four nibbles. Four table permutes
@@ -14,7 +20,11 @@
 // the same order (`arrange_bf16`: per block, [4][32] with [r][j] = x[128b + 4j + r]), four
 // vdpbf16ps take the dot product in fp32 (bf16 x bf16 products are exact in fp32): lane i sums
 // k = 128b + 8i .. 8i + 7, inside one group, and one fma applies the block's scales (one
-// permute of the block's 1, 2 or 4 scales). That is 13 vector instructions per 64-byte line.
+// permute of the block's 1, 2, 4 or 8 scales). That is 13 vector instructions per 64-byte line.
+// FP4's scale bytes are decoded 16 at a time, for a chunk of blocks (two NVFP4 ones, four MXFP4
+// ones) per row: E8M0 into fp32's exponent field; E4M3 widened exactly through fp16, and its
+// quotient by the global scale read from a 16-entry table that equals the IEEE division bit for
+// bit (make_dec; vdivps where the table's range condition fails).
 // Asymmetric tables hold up to four groups (vpermt2w, 64 entries, the group in index bits 4-5).
 //
 // Paths: M = 1 streams four weight rows at once (one from each quarter of N: four streams,
@@ -41,6 +51,17 @@ _Static_assert(NS == 4, "m1_rows dispatches 1 to 4 rows");
 #define X_TILE_BYTES 16384   // arranged x kept in L1 while a block of weight rows streams past
 #define PREFETCH_BYTES 1024 // weights requested this far ahead on each stream
 #define SMALL_X_BYTES (1 << 20)  // arranged x up to this size lives in a per-thread buffer
+
+// scale_kind: INT4 scales stored as bf16 / fp16 / fp32, or FP4 scale bytes
+enum { S_BF16, S_F16, S_F32, S_E4M3, S_E8M0, S_KINDS };
+#define IS_FP4(kind) ((kind) >= S_E4M3)
+
+// bf16 of the E2M1 codes 0..15 (code 8 is -0), twice: vpermw reads an index's low 5 bits
+static const uint16_t E2M1_BF16[32] __attribute__((aligned(64))) = {
+    0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
+    0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0,
+    0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
+    0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
 
 int qp_cpu_supported(void) {
   __builtin_cpu_init();
@@ -102,17 +123,20 @@ void qp_arrange_bf16(const uint16_t* x, int64_t ldx, int64_t m, int64_t k, uint1
   }
 }
 
-// x fp32 [M, K] (row stride ldx) -> [M, K/32, 2, 16]: [q][0][j] = x[32q + 2j], [q][1][j] = odd.
+// x fp32 [M, K] (row stride ldx) -> [M, Q, 2, 16], Q = ceil(K / 32): [q][0][j] = x[32q + 2j],
+// [q][1][j] = x[32q + 2j + 1], zero past K (K % 32 == 16: the last half step).
 static void arrange_f32(const float* x, int64_t ldx, int64_t m, int64_t k, float* out) {
   int32_t even[16], odd[16];
   for (int j = 0; j < 16; ++j) even[j] = 2 * j, odd[j] = 2 * j + 1;
   const __m512i ie = _mm512_loadu_si512(even), io = _mm512_loadu_si512(odd);
+  const int64_t nq = (k + 31) / 32;
   for (int64_t i = 0; i < m; ++i)
-    for (int64_t q = 0; q < k / 32; ++q) {
+    for (int64_t q = 0; q < nq; ++q) {
+      const __mmask16 hb = 32 * q + 32 <= k ? 0xFFFF : 0;  // the second 16 inside K
       const __m512 a = _mm512_loadu_ps(x + i * ldx + 32 * q);
-      const __m512 b = _mm512_loadu_ps(x + i * ldx + 32 * q + 16);
-      _mm512_storeu_ps(out + (i * (k / 32) + q) * 32, _mm512_permutex2var_ps(a, ie, b));
-      _mm512_storeu_ps(out + (i * (k / 32) + q) * 32 + 16, _mm512_permutex2var_ps(a, io, b));
+      const __m512 b = _mm512_maskz_loadu_ps(hb, x + i * ldx + 32 * q + 16);
+      _mm512_storeu_ps(out + (i * nq + q) * 32, _mm512_permutex2var_ps(a, ie, b));
+      _mm512_storeu_ps(out + (i * nq + q) * 32 + 16, _mm512_permutex2var_ps(a, io, b));
     }
 }
 
@@ -120,8 +144,11 @@ static void arrange_f32(const float* x, int64_t ldx, int64_t m, int64_t k, float
 
 // Per-call constants: the group layout of a block and the tables.
 typedef struct {
-  __m512i lut;        // symmetric: bf16(i % 16 - 8), i < 32
-  __m512 base;        // fp32 codes -8..7
+  __m512i lut;        // symmetric: bf16 of value(i % 16), i < 32 (INT4 i % 16 - 8, FP4 E2M1)
+  __m512 base;        // fp32 value(i), i < 16
+  __m512 gscale;      // NVFP4's global scale in every lane (1 otherwise)
+  __m512 e4m3_tab;    // NVFP4, lane i: 2**8 * fl((1 + (i % 8) / 8) / gscale)
+  int e4m3_by_table;  // NVFP4: e4m3 / gscale through e4m3_tab (exact for this gscale), else vdivps
   __m512i lane_grp;   // epi32 lane i: the group of k = 8i within a block (0 .. GPB-1)
   __m256i lane_grp16; // the same as 16 words
   __m512i word_grp;   // epi16 word j: (group of k = 4j) << 4, for the asymmetric index
@@ -133,9 +160,21 @@ typedef struct {
   __mmask16 full_groups, tail_groups;  // scale lanes to load per block
 } Dec;
 
-static Dec make_dec(int64_t k, int64_t g) {
+static Dec make_dec(int64_t k, int64_t g, int kind, float gscale) {
   Dec d;
   d.k = k;
+  const float gs = IS_FP4(kind) ? gscale : 1.0f;
+  d.gscale = _mm512_set1_ps(gs);
+  // Every E4M3 value v is +-2**E * (1 + m/8) (m < 8; the subnormals too, as fp32) or 0, and an
+  // IEEE division's rounding commutes with powers of two while operands and results stay normal:
+  // v / gs == +-2**E * fl((1 + m/8) / gs). With 2**-118 <= |gs| <= 2**117 every quotient
+  // (|v| in [2**-9, 448]) and table entry is a normal fp32, so the table gives the division's
+  // result bit for bit at a multiply instead of a vdivps (the divider bounded the M = 1 speed).
+  // (The entries carry the 2**8 that e4m3_f32_over_256 leaves out: still normal in that range.)
+  float tab[16];
+  for (int i = 0; i < 16; ++i) tab[i] = (1.0f + (float)(i % 8) / 8.0f) / gs * 256.0f;
+  d.e4m3_tab = _mm512_loadu_ps(tab);
+  d.e4m3_by_table = fabsf(gs) >= 0x1p-118f && fabsf(gs) <= 0x1p117f;
   d.blocks = (k + KB - 1) / KB;
   d.groups = k / g;
   int shift = 62;
@@ -160,8 +199,13 @@ static Dec make_dec(int64_t k, int64_t g) {
     wlo[i] = shift >= 62 ? 0 : (4 * i) >> shift;
     whi[i] = shift >= 62 ? 0 : (4 * (i + 16)) >> shift;
   }
-  d.lut = _mm512_loadu_si512(lut);
+  d.lut = IS_FP4(kind) ? _mm512_load_si512(E2M1_BF16) : _mm512_loadu_si512(lut);
   d.word_grp = _mm512_loadu_si512(wg);
+  if (IS_FP4(kind))  // bf16 -> fp32 is exact: the bits << 16
+    for (int i = 0; i < 16; ++i) {
+      const uint32_t bits = (uint32_t)E2M1_BF16[i] << 16;
+      memcpy(&codes[i], &bits, sizeof bits);
+    }
   d.base = _mm512_loadu_ps(codes);
   d.lane_grp = _mm512_loadu_si512(lg);
   d.lane_grp16 = _mm512_cvtepi32_epi16(d.lane_grp);
@@ -169,7 +213,7 @@ static Dec make_dec(int64_t k, int64_t g) {
   d.word_hi = _mm512_loadu_si512(whi);
   const int gpb = shift >= 7 ? 1 : KB >> shift;
   d.full_groups = (__mmask16)((1u << gpb) - 1);
-  const int64_t tail = k - (d.blocks - 1) * KB;  // 32, 64, 96 or 128
+  const int64_t tail = k - (d.blocks - 1) * KB;  // a multiple of 16 (of 32 for INT4)
   d.tail_words = tail >= KB ? 0xFFFFFFFFu : (1u << (tail / 4)) - 1;
   const int64_t tail_groups = shift >= 62 ? 1 : (tail + g - 1) / g;
   d.tail_groups = (__mmask16)((1u << (tail_groups < gpb ? tail_groups : gpb)) - 1);
@@ -177,6 +221,50 @@ static Dec make_dec(int64_t k, int64_t g) {
 }
 
 static inline int gpb_of(const Dec* d) { return d->shift >= 7 ? 1 : KB >> d->shift; }
+
+// ---- scales ---------------------------------------------------------------------------------
+
+// 16 FP8 E4M3 bytes -> fp32, exactly: sign-extended to 16 bits and shifted left by 7, the sign
+// lands in fp16's sign bit and the exponent and mantissa in fp16's fields (bit 14 cleared); fp16's
+// exponent bias is 15, E4M3's 7, so that fp16 is the E4M3 value * 2**-8, subnormals included,
+// and vcvtph2ps widens it exactly. Returns value * 2**-8. (The NaN byte never occurs.)
+static inline __m512 e4m3_f32_over_256(__m128i bytes) {
+  const __m256i h = _mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7);
+  return _mm512_cvtph_ps(_mm256_and_si256(h, _mm256_set1_epi16((short)0xBF80)));
+}
+
+// E8M0 bytes e (one per epi32 lane) -> fp32 2**(e - 127): e in the exponent field, and e = 0
+// the fp32 subnormal 2**-127. (255, NaN, never occurs.)
+static inline __m512 e8m0_f32(__m512i e) {
+  const __mmask16 zero = _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512());
+  return (__m512)_mm512_mask_blend_epi32(zero, _mm512_slli_epi32(e, 23),
+                                         _mm512_set1_epi32(1 << 22));
+}
+
+// Scales at..at + 15 of a scale array as fp32 (lanes outside `mask` zero): what each group's
+// sum is multiplied by. NVFP4: e4m3 / gscale, the scheme's IEEE fp32 division (see make_dec).
+static inline __attribute__((always_inline)) __m512 scales16(const void* scales, int kind,
+                                                             int64_t at, __mmask16 mask,
+                                                             const Dec* d) {
+  if (kind == S_F32) return _mm512_maskz_loadu_ps(mask, (const float*)scales + at);
+  if (IS_FP4(kind)) {
+    const __m128i bytes = _mm_maskz_loadu_epi8(mask, (const uint8_t*)scales + at);
+    if (kind == S_E8M0) return _mm512_maskz_mov_ps(mask, e8m0_f32(_mm512_cvtepu8_epi32(bytes)));
+    const __m512 v = e4m3_f32_over_256(bytes);  // lanes outside mask: 0, and 0 / gscale = 0
+    if (!d->e4m3_by_table) return _mm512_div_ps(_mm512_mul_ps(v, _mm512_set1_ps(256.0f)), d->gscale);
+    // +-2**(E - 8) (v's sign and exponent bits) times the entry of m (bits 20-22; vpermps reads
+    // the low 4 index bits, and the table repeats its 8 values)
+    const __m512 frac = _mm512_permutexvar_ps(_mm512_srli_epi32((__m512i)v, 20), d->e4m3_tab);
+    const __m512 pow2 = (__m512)_mm512_and_si512((__m512i)v, _mm512_set1_epi32((int)0xFF800000u));
+    return _mm512_mul_ps(pow2, frac);
+  }
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t*)scales + at);
+  if (kind == S_F16) return _mm512_cvtph_ps(h);
+  return (__m512)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+}
+
+// Bytes per stored scale.
+static inline int scale_bytes(int kind) { return kind == S_F32 ? 4 : IS_FP4(kind) ? 1 : 2; }
 
 // One weight row: where it lives.
 typedef struct {
@@ -187,7 +275,7 @@ typedef struct {
 
 static inline Row row_at(const uint8_t* qweight, const void* scales, const int8_t* zeros,
                          int64_t row, const Dec* d, int kind) {
-  Row r = {qweight + row * (d->k / 2), (const char*)scales + row * d->groups * (kind == 2 ? 4 : 2),
+  Row r = {qweight + row * (d->k / 2), (const char*)scales + row * d->groups * scale_bytes(kind),
            zeros ? zeros + row * d->groups : NULL};
   return r;
 }
@@ -200,10 +288,33 @@ static inline __attribute__((always_inline)) int64_t first_group(const Dec* d, i
   return d->shift >= 62 ? 0 : (b * KB) >> d->shift;
 }
 
-// The block's scales as fp32, lane i = scale of the group holding k = 128b + 8i.
+// FP4: blocks per decoded chunk of 16 scales (NVFP4 2, MXFP4 4; per channel 1).
+static inline __attribute__((always_inline)) int fp4_chunk(const int gpb) {
+  return gpb == 1 ? 1 : 16 / gpb;
+}
+
+// FP4: the 16 scales (as fp32) from the first group of block b, which starts a chunk.
+static inline __attribute__((always_inline)) __m512 fp4_scales(const Row* r, const Dec* d,
+                                                               int64_t b, const int kind,
+                                                               const int gpb) {
+  const int64_t at = first_group(d, b, gpb), left = d->groups - at;
+  return scales16(r->s, kind, at, left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1), d);
+}
+
+// The block's scales as fp32, lane i = scale of the group holding k = 128b + 8i. FP4 decodes the
+// 16 scales of a chunk of blocks (fp4_chunk) into *held at its first block (or at b0, the first
+// block of the pass), and the chunk's other blocks read theirs from there.
 static inline __attribute__((always_inline)) __m512 block_scales(const Row* r, const Dec* d,
-                                                                 int64_t b, __mmask16 gm,
+                                                                 int64_t b, int64_t b0,
+                                                                 __mmask16 gm, __m512* held,
                                                                  const int kind, const int gpb) {
+  if (IS_FP4(kind)) {
+    const int per = fp4_chunk(gpb);
+    const int64_t c0 = b - b % per;
+    if (b == c0 || b == b0) *held = fp4_scales(r, d, c0, kind, gpb);
+    const __m512i lanes = _mm512_add_epi32(d->lane_grp, _mm512_set1_epi32((int)(b - c0) * gpb));
+    return _mm512_permutexvar_ps(lanes, *held);
+  }
   const int64_t g0 = first_group(d, b, gpb);
   if (kind == 2) {
     const __m512 s = _mm512_maskz_loadu_ps(gm, (const float*)r->s + g0);
@@ -277,25 +388,50 @@ static inline __m512 dot_block(const __m512bh wv[4], const uint16_t* xb) {
   return _mm512_dpbf16_ps(s, wv[3], (__m512bh)_mm512_loadu_si512(xb + 96));
 }
 
+// M = 1, blocks [b0, b0 + nb) of ns rows into acc; FP4: one chunk of blocks, its 16 scales per
+// row decoded first (`whole`: all 16 lie inside the row, so a constant mask, measured faster).
+static inline __attribute__((always_inline)) void m1_blocks(const uint16_t* x, const Row* rows,
+                                                            const Dec* d, __m512* acc, int64_t b0,
+                                                            const int nb, const int ns,
+                                                            const int kind, const int asym,
+                                                            const int gpb, const int whole) {
+  __m512 held[NS];
+  if (IS_FP4(kind))
+    for (int j = 0; j < ns; ++j)
+      held[j] = whole ? scales16(rows[j].s, kind, first_group(d, b0, gpb), 0xFFFF, d)
+                      : fp4_scales(&rows[j], d, b0, kind, gpb);
+#pragma GCC unroll 4
+  for (int c = 0; c < nb; ++c) {
+    const int64_t b = b0 + c;
+    const __mmask16 gm = b == d->blocks - 1 ? d->tail_groups : d->full_groups;
+    const uint16_t* xb = x + b * KB;
+    const __m512i lanes = _mm512_add_epi32(d->lane_grp, _mm512_set1_epi32(c * gpb));
+    for (int j = 0; j < ns; ++j) {
+      __m512bh wv[4];
+      decode_block(&rows[j], d, b, wv, asym, gpb);
+      const __m512 sv = IS_FP4(kind) ? _mm512_permutexvar_ps(lanes, held[j])
+                                     : block_scales(&rows[j], d, b, 0, gm, NULL, kind, gpb);
+      acc[j] = _mm512_fmadd_ps(dot_block(wv, xb), sv, acc[j]);
+    }
+  }
+}
+
 // M = 1: ns rows (one from each of NS slices of the weight) at once: ns memory streams and ns
 // independent chains, sharing each load of x. No software prefetch: the hardware prefetchers
-// follow the streams (the measured time was lower without).
+// follow the streams (the measured time was lower without). FP4 goes by chunks of blocks
+// (fp4_chunk), the last one, where the row's scales end, on its own.
 static inline __attribute__((always_inline)) void rows_m1(const uint16_t* x, const Row* rows,
                                                           const Dec* d, float* out, const int ns,
                                                           const int kind, const int asym,
                                                           const int gpb) {
+  const int per = IS_FP4(kind) ? fp4_chunk(gpb) : 1;
+  const int64_t whole = IS_FP4(kind) ? d->groups / 16 * per : d->blocks;  // in whole chunks
   __m512 acc[NS];
   for (int j = 0; j < ns; ++j) acc[j] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < d->blocks; ++b) {
-    const __mmask16 gm = b == d->blocks - 1 ? d->tail_groups : d->full_groups;
-    const uint16_t* xb = x + b * KB;
-    for (int j = 0; j < ns; ++j) {
-      __m512bh wv[4];
-      decode_block(&rows[j], d, b, wv, asym, gpb);
-      acc[j] = _mm512_fmadd_ps(dot_block(wv, xb), block_scales(&rows[j], d, b, gm, kind, gpb),
-                               acc[j]);
-    }
-  }
+  int64_t b0 = 0;
+  for (; b0 < whole; b0 += per) m1_blocks(x, rows, d, acc, b0, per, ns, kind, asym, gpb, 1);
+  if (b0 < d->blocks)
+    m1_blocks(x, rows, d, acc, b0, (int)(d->blocks - b0), ns, kind, asym, gpb, 0);
   for (int j = 0; j < ns; ++j) out[j] = _mm512_reduce_add_ps(acc[j]);
 }
 
@@ -307,7 +443,7 @@ static inline __attribute__((always_inline)) void row_tile(const uint16_t* x, co
                                                            const int nr, const int mt,
                                                            const int kind, const int asym,
                                                            const int gpb) {
-  __m512 acc[2][MT];
+  __m512 acc[2][MT], held[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
   for (int j = 0; j < nr; ++j)
     for (int i = 0; i < mt; ++i) acc[j][i] = _mm512_setzero_ps();
   for (int64_t b = b0; b < b1; ++b) {
@@ -317,7 +453,7 @@ static inline __attribute__((always_inline)) void row_tile(const uint16_t* x, co
     for (int j = 0; j < nr; ++j) {
       _mm_prefetch((const char*)(r[j].w + b * 64) + pf, _MM_HINT_T0);
       decode_block(&r[j], d, b, wv[j], asym, gpb);
-      sv[j] = block_scales(&r[j], d, b, gm, kind, gpb);
+      sv[j] = block_scales(&r[j], d, b, b0, gm, &held[j], kind, gpb);
     }
     for (int i = 0; i < mt; ++i) {
       const uint16_t* xb = x + (i * d->blocks + b) * KB;
@@ -411,28 +547,36 @@ typedef void (*BodyFn)(const uint16_t*, const uint8_t*, const void*, const int8_
   }
 #define BODIES(KIND, ASYM) BODY(KIND, ASYM, 1) BODY(KIND, ASYM, 2) BODY(KIND, ASYM, 4)
 BODIES(0, 0) BODIES(0, 1) BODIES(1, 0) BODIES(1, 1) BODIES(2, 0) BODIES(2, 1)
+BODY(3, 0, 1) BODY(3, 0, 8) BODY(4, 0, 1) BODY(4, 0, 4)  // FP4: symmetric, g 16 or 32 (or K)
 #undef BODIES
 #undef BODY
 
-static const BodyFn BODIES_[3][2][3] = {
-#define ROW(KIND, ASYM) {body_##KIND##_##ASYM##_1, body_##KIND##_##ASYM##_2, body_##KIND##_##ASYM##_4}
+// [kind][asym][groups per block 1, 2, 4, 8]; NULL: a combination no format has
+static const BodyFn BODIES_[S_KINDS][2][4] = {
+#define ROW(KIND, ASYM) \
+  {body_##KIND##_##ASYM##_1, body_##KIND##_##ASYM##_2, body_##KIND##_##ASYM##_4, NULL}
     {ROW(0, 0), ROW(0, 1)}, {ROW(1, 0), ROW(1, 1)}, {ROW(2, 0), ROW(2, 1)},
 #undef ROW
+    {{body_3_0_1, NULL, NULL, body_3_0_8}}, {{body_4_0_1, NULL, body_4_0_4, NULL}},
 };
 
-static int gpb_slot(int gpb) { return gpb == 4 ? 2 : gpb == 2 ? 1 : 0; }
+static int gpb_slot(int gpb) { return gpb == 8 ? 3 : gpb == 4 ? 2 : gpb == 2 ? 1 : 0; }
 
-// x: bf16 [M, K] with row stride ldx; y: [M, N] bf16 (out_kind 0) or fp32 (2).
+// x: bf16 [M, K] with row stride ldx; y: [M, N] bf16 (out_kind 0) or fp32 (2); gscale: NVFP4's
+// global scale (ignored otherwise). Returns -1 when out of memory, -2 for a kind / zeros / group
+// combination no format has.
 int qp_w4a16_bf16(const uint16_t* x, int64_t ldx, const uint8_t* qweight, const void* scales,
-                   int scale_kind, const int8_t* zeros, const float* bias, void* y, int out_kind,
-                   int64_t m, int64_t n, int64_t k, int64_t g, int nthreads) {
-  const Dec d = make_dec(k, g);
+                   int scale_kind, float gscale, const int8_t* zeros, const float* bias, void* y,
+                   int out_kind, int64_t m, int64_t n, int64_t k, int64_t g, int nthreads) {
+  if (scale_kind < 0 || scale_kind >= S_KINDS) return -2;
+  const Dec d = make_dec(k, g, scale_kind, gscale);
+  const BodyFn body = BODIES_[scale_kind][zeros != NULL][gpb_slot(gpb_of(&d))];
+  if (!body) return -2;
   int owned;
   uint16_t* xa = scratch((size_t)m * d.blocks * KB * 2, &owned);
   if (!xa) return -1;  // out of memory for the arranged x
   qp_arrange_bf16(x, ldx, m, k, xa);
-  BODIES_[scale_kind][zeros != NULL][gpb_slot(gpb_of(&d))](xa, qweight, scales, zeros, &d, bias,
-                                                           y, out_kind, m, n, nthreads);
+  body(xa, qweight, scales, zeros, &d, bias, y, out_kind, m, n, nthreads);
   if (owned) free(xa);
   return 0;
 }
@@ -533,14 +677,6 @@ typedef struct {
   uint32_t w[GKC / 2 * GN] __attribute__((aligned(64)));
 } Strip;
 
-// The 16 groups' values of row `row` from group g0 as fp32 (lanes past `count` zero).
-static inline __m512 row_scales(const void* scales, int kind, int64_t at, __mmask16 mask) {
-  if (kind == 2) return _mm512_maskz_loadu_ps(mask, (const float*)scales + at);
-  const __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t*)scales + at);
-  if (kind == 1) return _mm512_cvtph_ps(h);
-  return (__m512)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
-}
-
 // A block's scales (and, asymmetric, 8 + zero in both 16-bit halves) transposed for the
 // microkernel: st[(strip * groups + group) * 16 + i] = row (n0 + 16 strip + i)'s, zero past n.
 static void block_tables(const void* scales, int kind, const int8_t* zeros, const Dec* d,
@@ -554,7 +690,7 @@ static void block_tables(const void* scales, int kind, const int8_t* zeros, cons
       for (int i = 0; i < GN; ++i) {
         const int64_t row = n0 + s * GN + i;
         const int in = row < n;
-        r[i] = in ? (__m512i)row_scales(scales, kind, row * groups + gb, mask)
+        r[i] = in ? (__m512i)scales16(scales, kind, row * groups + gb, mask, d)
                   : _mm512_setzero_si512();
         if (zeros) {
           const __m128i zb = _mm_maskz_loadu_epi8(mask, zeros + row * groups + gb);
@@ -584,13 +720,8 @@ static const uint8_t MS_CTRL_[4][64] __attribute__((aligned(64))) = {
 #undef MS_CTRL
 #undef MS_QWORD
 #undef MS_LANE
-// bf16 of code = nibble - 8 (index read mod 32: the 16 values twice), and of the 5-bit two's
-// complement i (asymmetric: nibble - (8 + zero) in -15..15).
-static const uint16_t CODE_BF16[32] __attribute__((aligned(64))) = {
-    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
-    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
-    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
-    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
+// bf16 of the 5-bit two's complement i (asymmetric INT4: nibble - (8 + zero) in -15..15; the
+// symmetric tables are the Dec's lut).
 static const uint16_t SIGNED_BF16[32] __attribute__((aligned(64))) = {
     0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
     0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170,
@@ -608,7 +739,7 @@ static inline VBMI __attribute__((always_inline)) void decode_strip(
     return;
   }
   const int64_t half = d->k / 2;
-  const __m512i lut = _mm512_load_si512(asym ? SIGNED_BF16 : CODE_BF16);
+  const __m512i lut = asym ? _mm512_load_si512(SIGNED_BF16) : d->lut;  // INT4 or E2M1
   const __m512i low4 = _mm512_set1_epi16(0xF);
   const uint8_t* wb = qweight + r0 * half + k0 / 2;
   if (k0 + kc < d->k)  // the next chunk of these rows, while this one is multiplied
@@ -726,10 +857,11 @@ static VBMI void gemm_block(const uint32_t* xp, const uint8_t* qweight, const vo
 // x: bf16 [M, K] with row stride ldx; y: [M, N] bf16 (out_kind 0) or fp32 (2). Returns -1 when
 // out of memory for the packed x or the per-thread buffers.
 int qp_w4a16_gemm_bf16(const uint16_t* x, int64_t ldx, const uint8_t* qweight,
-                        const void* scales, int scale_kind, const int8_t* zeros, const float* bias,
-                        void* y, int out_kind, int64_t m, int64_t n, int64_t k, int64_t g,
-                        int nthreads) {
-  const Dec d = make_dec(k, g);
+                        const void* scales, int scale_kind, float gscale, const int8_t* zeros,
+                        const float* bias, void* y, int out_kind, int64_t m, int64_t n, int64_t k,
+                        int64_t g, int nthreads) {
+  if (scale_kind < 0 || scale_kind >= S_KINDS || (IS_FP4(scale_kind) && zeros)) return -2;
+  const Dec d = make_dec(k, g, scale_kind, gscale);
   const int64_t strips = (m + GMR - 1) / GMR, nblocks = (n + GNB - 1) / GNB;
   uint32_t* xp = aligned_alloc(64, ((size_t)strips * GMR * (k / 2) * 4 + 63) & ~(size_t)63);
   if (!xp) return -1;
@@ -761,22 +893,28 @@ int qp_w4a16_gemm_bf16(const uint16_t* x, int64_t ldx, const uint8_t* qweight,
   return failed ? -1 : 0;
 }
 
-// One weight row against mt rows of fp32 x ([M, K/32, 2, 16], see arrange_f32).
+// One weight row against mt rows of fp32 x ([M, Q, 2, 16], see arrange_f32): per 32 k, the
+// codes of even k (lo) and odd k (hi) looked up in the 16-entry fp32 table, their dot with x,
+// times the scale of each lane's group (g = 16: lanes 0-7 and 8-15 are two groups).
 static inline __attribute__((always_inline)) void row_tile_f32(
-    const float* x, const Row* r, __m512 codes, int64_t blocks, int shift, int kind, float* out,
+    const float* x, const Row* r, __m512 codes, int64_t k, int shift, int kind, float* out,
     const int mt) {
+  const int64_t nq = (k + 31) / 32;
   __m512 acc[MT];
   for (int i = 0; i < mt; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t q = 0; q < blocks; ++q) {
+  for (int64_t q = 0; q < nq; ++q) {
     _mm_prefetch((const char*)(r->w + q * 16) + PREFETCH_BYTES, _MM_HINT_T0);
     const int64_t grp = shift >= 62 ? 0 : (q * 32) >> shift;
     const __m512 table = r->z ? _mm512_sub_ps(codes, _mm512_set1_ps(r->z[grp])) : codes;
-    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(r->w + q * 16)));
+    const __mmask16 wm = (q + 1) * 32 <= k ? 0xFFFF : 0x00FF;  // K % 32 == 16: half a step
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(wm, r->w + q * 16));
     const __m512 lo = _mm512_permutexvar_ps(idx, table);  // vpermps reads the low 4 index bits
     const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table);
-    const __m512 sv = _mm512_set1_ps(load_scale(r->s, grp, kind));
+    const __m512 s0 = _mm512_set1_ps(load_scale(r->s, grp, kind));
+    const __m512 sv = shift == 4 ? _mm512_mask_blend_ps(0xFF00, s0, _mm512_set1_ps(load_scale(r->s, grp + 1, kind)))
+                                 : s0;
     for (int i = 0; i < mt; ++i) {
-      const float* xq = x + (i * blocks + q) * 32;
+      const float* xq = x + (i * nq + q) * 32;
       __m512 s = _mm512_mul_ps(lo, _mm512_loadu_ps(xq));
       s = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xq + 16), s);
       acc[i] = _mm512_fmadd_ps(s, sv, acc[i]);
@@ -785,35 +923,58 @@ static inline __attribute__((always_inline)) void row_tile_f32(
   for (int i = 0; i < mt; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
-// x: fp32 [M, K] with row stride ldx; y fp32 [M, N].
+// x: fp32 [M, K] with row stride ldx; y fp32 [M, N]; gscale as for qp_w4a16_bf16. FP4's scales
+// are decoded per row (16 at a time, scales16) into a per-thread fp32 buffer, which then serves
+// as the row's fp32 scales. Returns -1 when out of memory, -2 for FP4 with zeros.
 int qp_w4a16_f32(const float* x, int64_t ldx, const uint8_t* qweight, const void* scales,
-                  int scale_kind, const int8_t* zeros, const float* bias, float* y, int64_t m,
-                  int64_t n, int64_t k, int64_t g, int nthreads) {
-  const Dec d = make_dec(k, g);
-  const int64_t blocks = k / 32;
-  float codes_[16];
-  for (int i = 0; i < 16; ++i) codes_[i] = (float)(i - 8);
-  const __m512 codes = _mm512_loadu_ps(codes_);
-  int owned;
-  float* xa = scratch((size_t)m * k * 4, &owned);
+                  int scale_kind, float gscale, const int8_t* zeros, const float* bias, float* y,
+                  int64_t m, int64_t n, int64_t k, int64_t g, int nthreads) {
+  if (scale_kind < 0 || scale_kind >= S_KINDS || (IS_FP4(scale_kind) && zeros)) return -2;
+  const Dec d = make_dec(k, g, scale_kind, gscale);
+  const int64_t nq = (k + 31) / 32;
+  const int fp4 = IS_FP4(scale_kind);
+  int owned, failed = 0;
+  float* xa = scratch((size_t)m * nq * 32 * 4, &owned);
   if (!xa) return -1;
   arrange_f32(x, ldx, m, k, xa);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t row = 0; row < n; ++row) {
-    const Row r = row_at(qweight, scales, zeros, row, &d, scale_kind);
-    for (int64_t m0 = 0; m0 < m; m0 += MT) {
-      const int mt = m - m0 < MT ? (int)(m - m0) : MT;
-      const float* xt = xa + m0 * blocks * 32;
-      float out[MT];
-      switch (mt) {
-#define TILE(T) \
-  case T: row_tile_f32(xt, &r, codes, blocks, d.shift, scale_kind, out, T); break;
-        TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
-#undef TILE
-      }
-      for (int i = 0; i < mt; ++i) y[(m0 + i) * n + row] = out[i] + (bias ? bias[row] : 0.0f);
+#pragma omp parallel num_threads(nthreads)
+  {
+    // the row's decoded scales, zero up to a multiple of 16 (+ 16: g = 16 reads group + 1)
+    const size_t sbytes = ((size_t)(d.groups + 31) / 16 * 16 * 4 + 63) & ~(size_t)63;
+    float* sb = fp4 ? aligned_alloc(64, sbytes) : NULL;
+    if (fp4 && !sb) {
+#pragma omp atomic write
+      failed = 1;
     }
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < n; ++row) {
+      if (fp4 && !sb) continue;
+      Row r = row_at(qweight, scales, zeros, row, &d, scale_kind);
+      int kind = scale_kind;
+      if (fp4) {
+        for (int64_t at = 0; at < d.groups + 1; at += 16) {
+          const int64_t left = d.groups - at;
+          const __mmask16 mask = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+          _mm512_storeu_ps(sb + at, scales16(r.s, scale_kind, at, mask, &d));
+        }
+        r.s = (const char*)sb;
+        kind = S_F32;
+      }
+      for (int64_t m0 = 0; m0 < m; m0 += MT) {
+        const int mt = m - m0 < MT ? (int)(m - m0) : MT;
+        const float* xt = xa + m0 * nq * 32;
+        float out[MT];
+        switch (mt) {
+#define TILE(T) \
+  case T: row_tile_f32(xt, &r, d.base, k, d.shift, kind, out, T); break;
+          TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
+#undef TILE
+        }
+        for (int i = 0; i < mt; ++i) y[(m0 + i) * n + row] = out[i] + (bias ? bias[row] : 0.0f);
+      }
+    }
+    free(sb);
   }
   if (owned) free(xa);
-  return 0;
+  return failed ? -1 : 0;
 }
