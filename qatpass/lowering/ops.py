@@ -28,6 +28,7 @@ x's dtype) and bias; the packed weights are frozen buffers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -243,9 +244,14 @@ w4a16_grouped_linear.register_autograd(_grouped_backward, setup_context=_grouped
 # --- FP4 (NVFP4, MXFP4): dequantize + linear, in the op --------------------------------------
 
 
+@functools.cache
+def _fp4_scheme(fmt: str) -> Fp4Scheme:
+    return Fp4Scheme(fmt)
+
+
 def _fp4_packed(qweight, scales, global_scale, fmt: str, dtype: torch.dtype) -> PackedWeight:
     """The PackedWeight of an FP4 call's tensors (validated: names the argument at fault)."""
-    scheme = Fp4Scheme(fmt)
+    scheme = _fp4_scheme(fmt)
     for name, t in (("qweight", qweight), ("scales", scales)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fp4_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -288,6 +294,10 @@ def fp4_linear(
 
     Equal to `F.linear(x, dequantize(p, x.dtype), bias)` (the scheme's dequantize, every device).
     """
+    return _fp4_linear_body(x, qweight, scales, global_scale, bias, fmt)
+
+
+def _fp4_linear_body(x, qweight, scales, global_scale, bias, fmt: str) -> torch.Tensor:
     p = _fp4_packed(qweight, scales, global_scale, fmt, x.dtype)
     if x.shape[-1] != p.shape[-1]:
         raise ValueError(f"fp4_linear: x has K={x.shape[-1]}, qweight holds K={p.shape[-1]}")
@@ -310,6 +320,26 @@ def _fp4_matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> 
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def fp4_linear_eager(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    global_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    fmt: str,
+) -> torch.Tensor:
+    """`fp4_linear` as modules call it: in eager mode on CPU without autograd, the op's body
+    directly (the same validation and kernels, minus the custom_op dispatch); else the op."""
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if tracing or grad or x.device.type != "cpu":
+        return torch.ops.qatpass.fp4_linear(x, qweight, scales, global_scale, bias, fmt=fmt)
+    return _fp4_linear_body(x, qweight, scales, global_scale, bias, fmt)
 
 
 @fp4_linear.register_fake
@@ -434,7 +464,7 @@ _SERVING = {
         ("qweight", "scales", "zeros"),
     ),
     "fp4": Serving(
-        torch.ops.qatpass.fp4_linear,
+        fp4_linear_eager,
         torch.ops.qatpass.fp4_linear.default,
         torch.ops.qatpass.fp4_grouped_linear.default,
         ("qweight", "scales", "global_scale"),
