@@ -1,16 +1,38 @@
-"""Triton FP4 (NVFP4, MXFP4) linear: codes decoded in registers right after the load.
+"""Triton FP4 (NVFP4, MXFP4) linear: the INT4 kernels' launch structure, FP4 decode in registers.
 
     y = fp4_matmul(x2d, qweight, scales, global_scale, fmt="nvfp4")   # fp32 [M, N]
 
-Inputs are the canonical FP4 format of `qatpass.scheme_fp4`: qweight int32 [N, K/8] (E2M1 codes,
-low nibble first), scales [N, K/B] (NVFP4 float8_e4m3fn, B = 16; MXFP4 uint8 E8M0, B = 32), the
-NVFP4 fp32 global scale. The kernel decodes each code and each scale byte with exact integer and
-power-of-two arithmetic and multiplies them in fp32 (the element scale `e4m3 / global_scale` is
-an IEEE division, `div_rn`), which is the scheme's fp32 dequantized weight, then accumulates
-x @ W.T in fp32 with `tl.dot(..., input_precision="ieee")`: the result equals
-x @ dequantize(p, float32).T up to summation order. One simple tiled kernel (no split-K, no
-autotuning): a correct GPU path in the shape of the INT4 ones, not a tuned one. On CPU tensors it
-runs under TRITON_INTERPRET=1 (set before triton is imported).
+Inputs are the canonical FP4 format of `qatpass.scheme_fp4`: qweight int32 [N, K/8] (E2M1
+codes, low nibble first), scales [N, K/B] (NVFP4 float8_e4m3fn, B = 16; MXFP4 uint8 E8M0,
+B = 32), and for NVFP4 the fp32 global scale, read by the kernels from device memory (no host
+sync: CUDA-graph safe). Kernels, launched as the INT4 ones (`common.launch`, plans from
+`plan.py` on the real M, split-K partials summed by `splitk_reduce` in a fixed order):
+
+- `fp4_gemv_kernel` (M <= plan.GEMV_MAX_M, decode): the INT4 GEMV's tile, split-K and prefetch
+  (`plan.plan_fp4_gemv`: `plan_gemv`'s rules; `gemv._load_words` / `_load_side`: 128-bit
+  evict-first word loads, the next step's words loaded before this step's math), CUDA cores;
+- `fp4_gemm_kernel` (M >= 2): the INT4 GEMM's tiling (`plan.plan_gemm`), tensor-core `tl.dot`.
+
+Decode (`e2m1_value`, `block_scale`: the only FP4 decode, used by both kernels). An E2M1 code
+s|e1 e0|m moved to fp32 bits 31 | 22..24 is exactly its value times 2**-126 (e = 0 lands in
+fp32's subnormals: code 1, 0.5, becomes 2**-127), so one arithmetic shift, one AND and one
+exact multiply by 2**126 give the value. The E4M3 byte (positive) is exactly the fp32
+((b << 20) + (120 << 23)) when normal, m * 2**-9 when subnormal; NVFP4's element scale is
+that / global_scale as an IEEE division (`div_rn`), which is `Fp4Scheme.element_scales`. E8M0
+is 2**(b - 127) from the bits (b = 0: the subnormal 2**-127).
+
+Numerics. The reference is x @ dequantize(p, float32).T: w = v * s in fp32 (v the E2M1
+value, s the block's fp32 element scale), products w * x and their sum in fp32. Both kernels
+apply s once per block to the block's partial sum instead: y = sum_b s_b * (sum_{k in b} v_k
+x_k). For 16-bit x each v_k x_k is exact in fp32 (2 + 11 significant bits; for fp32 x it is
+rounded once, as the reference's w_k x_k is); the partial sums are fp32 sums, and s_b *
+partial rounds once where the reference rounds each w_k = v_k s_b once. Both are fp32 evaluations of the same exact sum with
+one rounding per operation, differing only in where the roundings fall: an error of the size of
+a different fp32 summation order (<= (n + 1) u sum |w x|, u = 2**-24). On the tensor cores
+(16-bit x) the E2M1 values are exact in bf16 and fp16, so the mma's operands are exact and its
+products exact (2 + 11 bits), accumulated in fp32; the block scale multiplies the mma's fp32
+result after each block. DOT_FP32 (fp32 x, and the interpreter, whose bf16 `tl.dot` is wrong)
+runs the same dot in fp32 (`input_precision="ieee"`, never TF32).
 """
 
 from __future__ import annotations
@@ -19,64 +41,325 @@ import torch
 import triton
 import triton.language as tl
 
-from qatpass.kernels.triton.common import launch
+from qatpass.kernels.triton.common import check_device, launch, num_sms, use_fp32_dot
+from qatpass.kernels.triton.gemv import _load_side, _load_words, _planes
+from qatpass.kernels.triton.plan import (
+    GEMV_MAX_M,
+    GemmPlan,
+    GemvPlan,
+    plan_fp4_gemv,
+    plan_gemm,
+)
+from qatpass.kernels.triton.splitk_reduce import splitk_output, splitk_reduce
+from qatpass.scheme_fp4 import FP4_FORMATS
 
-__all__ = ["fp4_matmul"]
+__all__ = ["fp4_gemm", "fp4_gemv", "fp4_matmul", "FP4_FORMAT_IDS"]
 
-_FMT = {"nvfp4": 0, "mxfp4": 1}
+FP4_FORMAT_IDS = {"nvfp4": 0, "mxfp4": 1}  # the kernels' FMT constexpr
+# fp32 bits 31 (sign) and 22..24 (E2M1 exponent, mantissa), as a signed int32
+E2M1_BITS = tl.constexpr(-2118123520)  # 0x81C00000
+TWO_POW_126 = tl.constexpr(8.507059173023462e37)
+E4M3_REBIAS = tl.constexpr(120 << 23)  # fp32 exponent bias 127 - E4M3's 7, in place
+E8M0_ZERO_BITS = tl.constexpr(0x00400000)  # fp32 2**-127 (subnormal)
+# GEMM: BLOCK_K of the FP4 tile (16 bytes a column: 128-bit weight loads); NVFP4's two
+# blocks per step are split in registers (`fp4_gemm_kernel`)
+FP4_GEMM_BLOCK_K = 32
+# GEMV: the unroll (renames the prefetch registers, as the INT4 GEMV) and the register cap
+# that keeps plan.GEMV_OCCUPANCY CTAs per SM (without it 120-168 registers, by target)
+FP4_GEMV_UNROLL = 2
+FP4_GEMV_MAX_REGS = 128
 
 
 @triton.jit
-def _pow2(e):
-    """2**e in fp32 for int32 e in [-127, 127], from the bits (2**-127 is subnormal)."""
-    normal = ((e + 127).to(tl.int32) << 23).to(tl.float32, bitcast=True)
-    return tl.where(e >= -126, normal, 5.877471754111438e-39)
+def e2m1_value(t):
+    """fp32 value of the E2M1 code in bits 28..31 of int32 t (lower bits ignored): the shift
+    puts the magnitude index at bits 22..24 and copies the sign over 25..31; masked, that is
+    the value times 2**-126 exactly, and times 2**126 (exact) the value."""
+    return ((t >> 6) & E2M1_BITS).to(tl.float32, bitcast=True) * TWO_POW_126
 
 
 @triton.jit
-def _fp4_kernel(
-    # pointers
-    x_ptr, qweight_ptr, scales_ptr, y_ptr,
-    # sizes and strides
-    M, N, K, stride_xm, stride_qn, stride_sn,
-    global_scale,
+def block_scale(byte, gs, FMT: tl.constexpr):
+    """fp32 element scale of a stored block-scale byte: NVFP4 (FMT 0) E4M3 / gs (IEEE
+    division), MXFP4 (FMT 1) E8M0 2**(byte - 127)."""
+    b = byte.to(tl.int32) & 0xFF
+    if FMT == 0:
+        m = b & 0x7F  # scales are positive
+        normal = ((m << 20) + E4M3_REBIAS).to(tl.float32, bitcast=True)
+        s = tl.where(m >= 8, normal, (m & 7).to(tl.float32) * 0.001953125)
+        return tl.div_rn(s, tl.zeros_like(s) + gs)
+    return tl.where(b == 0, E8M0_ZERO_BITS, b << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _global_scale(gs_ptr, FMT: tl.constexpr):
+    """NVFP4's fp32 global scale, read on the device; 1 for MXFP4."""
+    if FMT == 0:
+        return tl.load(gs_ptr).to(tl.float32)
+    return 1.0
+
+
+@triton.jit
+def _fp4_word_dot(words, xs):
+    """sum_j value(nibble j) * x_j over the 8 codes of each int32 word (fp32)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = xs
+    acc = e2m1_value(words << 28) * x0
+    acc += e2m1_value(words << 24) * x1
+    acc += e2m1_value(words << 20) * x2
+    acc += e2m1_value(words << 16) * x3
+    acc += e2m1_value(words << 12) * x4
+    acc += e2m1_value(words << 8) * x5
+    acc += e2m1_value(words << 4) * x6
+    acc += e2m1_value(words) * x7
+    return acc
+
+
+@triton.jit
+def fp4_gemv_kernel(
+    # tensors
+    x_ptr,  # fp16/bf16/fp32 [M, K], unit stride along K
+    qweight_ptr,  # int32 [N, K/8]: E2M1 code j of word w is k = 8 w + j (low nibble first)
+    scales_ptr,  # uint8 [N, K/BLOCK]: E4M3 (NVFP4) or E8M0 (MXFP4) bytes
+    gs_ptr,  # fp32 [] NVFP4 global scale, or None
+    out_ptr,  # fp32 [M, N] when SPLIT_K == 1, else fp32 partials [SPLIT_K, M, N]
+    # sizes
+    N,
+    K,
+    K_STEPS,  # cdiv(K, BLOCK_K)
+    STEPS,  # K steps per split
+    # strides (elements)
+    stride_xm,
+    stride_qn,  # words
+    stride_sn,
+    stride_om,
+    stride_os,
     # meta
-    FMT: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    FMT: tl.constexpr,  # FP4_FORMAT_IDS
+    BLOCK: tl.constexpr,  # the format's block size (the scale group)
+    SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no mask along N
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UNROLL: tl.constexpr,  # loop unroll factor (renames the prefetch registers)
+):
+    """out[m, n] = sum_k x[m, k] * w[n, k]; grid (M, N/BLOCK_N, SPLIT_K)."""
+    BKW: tl.constexpr = BLOCK_K // 8
+    NG: tl.constexpr = BLOCK_K // BLOCK if BLOCK_K > BLOCK else 1  # blocks per tile
+    WG: tl.constexpr = BKW // NG  # words per block within the tile
+    row = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BKW)
+    offs_g = tl.arange(0, NG)
+    mask_n = offs_n < N
+    kb = pid_k * STEPS
+    kb_end = tl.minimum(kb + STEPS, K_STEPS)
+    gs = _global_scale(gs_ptr, FMT)
+
+    w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_qn
+    s_rows = scales_ptr + offs_n.to(tl.int64)[:, None] * stride_sn
+    x_row = x_ptr + row * stride_xm
+    offs_x = offs_w[:, None] * 8 + tl.arange(0, 8)[None, :]
+
+    acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    last = kb_end - 1
+    wn = _load_words(w_rows, offs_w, tl.minimum(kb, last), kb <= last, mask_n, K, EVEN_K,
+                     EVEN_N, BLOCK_K)  # fmt: skip
+    for step in tl.range(kb, kb_end, loop_unroll_factor=UNROLL):
+        words = wn
+        nxt = tl.minimum(step + 1, last)
+        wn = _load_words(w_rows, offs_w, nxt, step < last, mask_n, K, EVEN_K, EVEN_N, BLOCK_K)
+        sbytes, _, x = _load_side(s_rows, s_rows, x_row, offs_g, offs_x, step, mask_n, K,
+                                  BLOCK, False, EVEN_K, EVEN_N, BLOCK_K, NG)  # fmt: skip
+        words = tl.reshape(words, (BLOCK_N, NG, WG))
+        part = _fp4_word_dot(words, _planes(x.to(tl.float32), BKW, NG, WG))
+        # the block's partial sum, then its scale (see the module docstring)
+        acc += tl.sum(part, axis=2) * block_scale(sbytes, gs, FMT)
+
+    out_row = tl.sum(acc, axis=1)
+    if SPLIT_K == 1:
+        tl.store(out_ptr + row * stride_om + offs_n, out_row, mask=mask_n)
+    else:
+        tl.store(out_ptr + pid_k * stride_os + row * stride_om + offs_n, out_row, mask=mask_n)
+
+
+@triton.jit
+def _decode_bytes(packed, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+    """int32 bytes [ROWS, BLOCK_N] (two codes each, low nibble = even k) -> fp32 E2M1 values
+    [2 ROWS, BLOCK_N] in k order (join / permute / reshape interleave the nibbles)."""
+    values = tl.join(e2m1_value(packed << 28), e2m1_value(packed << 24))  # [ROWS, BN, 2]
+    return tl.reshape(tl.permute(values, (0, 2, 1)), (2 * ROWS, BLOCK_N))
+
+
+@triton.jit
+def _block_dot(x_tile, values, scale, acc, DOT_FP32: tl.constexpr):
+    """acc + (x_tile @ values) * scale[None, :]: one block's dot, then its fp32 scale."""
+    if DOT_FP32:
+        part = tl.dot(x_tile.to(tl.float32), values, input_precision="ieee")
+    else:
+        part = tl.dot(x_tile, values.to(x_tile.dtype))  # E2M1 values are exact in 16 bits
+    return acc + part * scale[None, :]
+
+
+@triton.jit
+def fp4_gemm_kernel(
+    # tensors
+    x_ptr,  # fp16/bf16/fp32 [M, K]
+    qbytes_ptr,  # uint8 [N, K/2]: qweight's bytes, code k % 2 of byte k // 2 (low = even k)
+    scales_ptr,  # uint8 [N, K/BLOCK]: E4M3 (NVFP4) or E8M0 (MXFP4) bytes
+    gs_ptr,  # fp32 [] NVFP4 global scale, or None
+    out_ptr,  # fp32 [M, N] when SPLIT_K == 1, else fp32 partials [SPLIT_K, M, N]
+    # sizes
+    M,
+    N,
+    K,
+    # strides (elements)
+    stride_xm,
+    stride_qn,  # bytes
+    stride_sn,
+    stride_om,
+    stride_os,
+    # meta
+    FMT: tl.constexpr,  # FP4_FORMAT_IDS
+    BLOCK: tl.constexpr,  # the format's block size; BLOCK_K is 1 or 2 blocks
+    SPLIT_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out = x @ w.T tile by tile; grid (M/BLOCK_M, N/BLOCK_N, SPLIT_K), M fastest. K is a
+    multiple of BLOCK_K (K is one of BLOCK, and BLOCK_K divides it or is two of them)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_k = tl.program_id(2)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    gs = _global_scale(gs_ptr, FMT)
+
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    kb_start = pid_k * per_split
+    kb_end = tl.minimum(kb_start + per_split, k_blocks)
+    HALF: tl.constexpr = BLOCK_K // 2  # bytes per column per step
+    rows = qbytes_ptr + offs_n.to(tl.int64)[None, :] * stride_qn
+    s_rows = scales_ptr + offs_n * stride_sn
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + rk[None, :],
-            mask=(rm[:, None] < M) & (rk[None, :] < K),
-            other=0.0,
-        ).to(tl.float32)
-        wmask = (rn[:, None] < N) & (rk[None, :] < K)
-        words = tl.load(qweight_ptr + rn[:, None] * stride_qn + rk[None, :] // 8, mask=wmask)
-        code = (words >> ((rk[None, :] % 8) * 4)) & 0xF
-        # E2M1: exponent e = index >> 1, mantissa bit; e == 0 is subnormal (0 or 0.5)
-        index = code & 7
-        e = index >> 1
-        mbit = (index & 1).to(tl.float32)
-        mag = tl.where(e == 0, 0.5 * mbit, (2.0 + mbit) * _pow2(e - 2))
-        value = tl.where((code & 8) != 0, -mag, mag)
-        sbyte = tl.load(scales_ptr + rn[:, None] * stride_sn + rk[None, :] // BLOCK, mask=wmask)
-        sbyte = sbyte.to(tl.int32) & 0xFF
-        if FMT == 0:  # E4M3: (8 + m) * 2**(e - 10), subnormal m * 2**-9
-            se = (sbyte >> 3) & 0xF
-            sm = (sbyte & 7).to(tl.float32)
-            s = tl.where(se == 0, sm * 0.001953125, (8.0 + sm) * _pow2(se - 10))
-            s = tl.div_rn(s, tl.zeros_like(s) + global_scale)
-        else:  # E8M0
-            s = _pow2(sbyte - 127)
-        w = tl.where(wmask, value * s, 0.0)
-        acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+    for kb in range(kb_start, kb_end):
+        k0 = kb * BLOCK_K
+        offs_b = k0 // 2 + tl.arange(0, HALF)
+        packed = tl.load(rows + offs_b[:, None], mask=mask_n[None, :], other=0,
+                         eviction_policy="evict_first").to(tl.int32)  # fmt: skip
+        x_rows = x_ptr + offs_m[:, None] * stride_xm
+        g0 = k0 // BLOCK
+        s0 = block_scale(tl.load(s_rows + g0, mask=mask_n, other=0), gs, FMT)
+        if BLOCK_K == BLOCK:
+            x_tile = tl.load(x_rows + (k0 + tl.arange(0, BLOCK_K))[None, :],
+                             mask=mask_m[:, None], other=0.0)  # fmt: skip
+            acc = _block_dot(x_tile, _decode_bytes(packed, BLOCK_N, HALF), s0, acc, DOT_FP32)
+        else:  # two blocks: split the byte tile's halves in registers, one dot per block
+            b0, b1 = tl.split(tl.permute(tl.reshape(packed, (2, HALF // 2, BLOCK_N)), (1, 2, 0)))
+            s1 = block_scale(tl.load(s_rows + g0 + 1, mask=mask_n, other=0), gs, FMT)
+            offs_k = k0 + tl.arange(0, BLOCK)
+            x0 = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+            x1 = tl.load(x_rows + (offs_k + BLOCK)[None, :], mask=mask_m[:, None], other=0.0)
+            acc = _block_dot(x0, _decode_bytes(b0, BLOCK_N, HALF // 2), s0, acc, DOT_FP32)
+            acc = _block_dot(x1, _decode_bytes(b1, BLOCK_N, HALF // 2), s1, acc, DOT_FP32)
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc, mask=mask)
+
+
+def _operands(x, qweight, scales, global_scale, fmt: str):
+    if fmt not in FP4_FORMAT_IDS:
+        raise ValueError(f"fmt must be one of {sorted(FP4_FORMAT_IDS)}, got {fmt!r}")
+    check_device(x, {"qweight": qweight, "scales": scales, "global_scale": global_scale})
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    gs = None
+    if fmt == "nvfp4":
+        if global_scale is None:
+            raise ValueError("global_scale: nvfp4 needs its fp32 global scale")
+        gs = global_scale.reshape(()).to(torch.float32)
+    return x, qweight.contiguous(), scales.contiguous().view(torch.uint8), gs
+
+
+def fp4_gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    *,
+    fmt: str,
+    split_k: int | None = None,
+    plan: GemvPlan | None = None,
+) -> torch.Tensor:
+    """fp32 x [M, K] @ W.T by the FP4 GEMV; `plan` defaults to `plan.plan_fp4_gemv`, with
+    `split_k` forced when given (tests cover both paths)."""
+    x, qweight, scales, gs = _operands(x, qweight, scales, global_scale, fmt)
+    m, k = x.shape
+    n = qweight.shape[0]
+    block = FP4_FORMATS[fmt]
+    if plan is None:
+        plan = plan_fp4_gemv(m, n, k, block, num_sms(x.device), split_k)
+    out, stride_os = splitk_output(x, m, n, plan.split_k, torch.float32)
+    launch(fp4_gemv_kernel, plan.grid, dict(
+        x_ptr=x, qweight_ptr=qweight, scales_ptr=scales, gs_ptr=gs, out_ptr=out,
+        N=n, K=k, K_STEPS=plan.k_steps, STEPS=plan.steps,
+        stride_xm=x.stride(0), stride_qn=qweight.stride(0), stride_sn=scales.stride(0),
+        stride_om=n, stride_os=stride_os,
+        FMT=FP4_FORMAT_IDS[fmt], BLOCK=block, SPLIT_K=plan.split_k,
+        EVEN_K=k % plan.block_k == 0, EVEN_N=n % plan.block_n == 0,
+        BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, UNROLL=FP4_GEMV_UNROLL,
+        num_warps=plan.num_warps, num_stages=1, maxnreg=FP4_GEMV_MAX_REGS,
+    ))  # fmt: skip
+    if plan.split_k == 1:
+        return out
+    return splitk_reduce(out, bias=None, dtype=torch.float32)
+
+
+def fp4_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    *,
+    fmt: str,
+    split_k: int | None = None,
+    plan: GemmPlan | None = None,
+) -> torch.Tensor:
+    """fp32 x [M, K] @ W.T by the FP4 GEMM; `plan` defaults to `plan_gemm` with BLOCK_K
+    FP4_GEMM_BLOCK_K (the block where that does not divide K), `split_k` forced when given."""
+    x, qweight, scales, gs = _operands(x, qweight, scales, global_scale, fmt)
+    m, k = x.shape
+    n = qweight.shape[0]
+    block = FP4_FORMATS[fmt]
+    if plan is None:
+        step = FP4_GEMM_BLOCK_K if k % FP4_GEMM_BLOCK_K == 0 else block
+        plan = plan_gemm(m, n, k, step, num_sms(x.device), split_k)
+    if plan.block_k not in (block, 2 * block) or k % plan.block_k:
+        raise ValueError(
+            f"plan: BLOCK_K {plan.block_k} must be one or two {fmt} blocks and divide K={k}"
+        )
+    out, stride_os = splitk_output(x, m, n, plan.split_k, torch.float32)
+    launch(fp4_gemm_kernel, plan.grid, dict(
+        x_ptr=x, qbytes_ptr=qweight.view(torch.uint8), scales_ptr=scales, gs_ptr=gs,
+        out_ptr=out, M=m, N=n, K=k,
+        stride_xm=x.stride(0), stride_qn=qweight.stride(0) * 4, stride_sn=scales.stride(0),
+        stride_om=n, stride_os=stride_os,
+        FMT=FP4_FORMAT_IDS[fmt], BLOCK=block, SPLIT_K=plan.split_k,
+        DOT_FP32=use_fp32_dot(x), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        BLOCK_K=plan.block_k, num_warps=plan.num_warps, num_stages=plan.num_stages,
+    ))  # fmt: skip
+    if plan.split_k == 1:
+        return out
+    return splitk_reduce(out, bias=None, dtype=torch.float32)
 
 
 def fp4_matmul(
@@ -86,21 +369,12 @@ def fp4_matmul(
     global_scale: torch.Tensor | None,
     fmt: str,
 ) -> torch.Tensor:
-    """fp32 x2d [M, K] @ W.T for an FP4 weight (validated by the caller: `ops._fp4_packed`)."""
-    m, k = x2d.shape
+    """fp32 x2d [M, K] @ W.T for an FP4 weight (validated by the caller: `ops._fp4_packed`):
+    the GEMV up to plan.GEMV_MAX_M rows, the GEMM above."""
+    m, _ = x2d.shape
     n = qweight.shape[0]
-    block = 16 if fmt == "nvfp4" else 32
-    x2d = x2d.contiguous()
-    qweight = qweight.contiguous()
-    scales = scales.contiguous().view(torch.uint8)
-    gs = 1.0 if global_scale is None else float(global_scale)
-    y = torch.empty((m, n), dtype=torch.float32, device=x2d.device)
-    bm, bn, bk = 16, 32, 32
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    launch(_fp4_kernel, grid, dict(
-        x_ptr=x2d, qweight_ptr=qweight, scales_ptr=scales, y_ptr=y,
-        M=m, N=n, K=k, stride_xm=x2d.stride(0), stride_qn=qweight.stride(0),
-        stride_sn=scales.stride(0), global_scale=gs,
-        FMT=_FMT[fmt], BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-    ))  # fmt: skip
-    return y
+    if m == 0 or n == 0:
+        return torch.zeros((m, n), device=x2d.device, dtype=torch.float32)
+    if m <= GEMV_MAX_M:
+        return fp4_gemv(x2d, qweight, scales, global_scale, fmt=fmt)
+    return fp4_gemm(x2d, qweight, scales, global_scale, fmt=fmt)

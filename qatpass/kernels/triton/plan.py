@@ -83,6 +83,26 @@ def plan_gemv(
     return gemv_tile_plan(m, n, k, bn, bk, split_k)
 
 
+# The FP4 GEMV's plan group: 32 (MXFP4's block, two NVFP4 blocks) gives the INT4 g32 tile,
+# BLOCK_K 128 (NVFP4's own 16 would give 512: too few K steps to split at K = 4096).
+FP4_GEMV_PLAN_GROUP = 32
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_fp4_gemv(
+    m: int, n: int, k: int, block: int, sms: int, split_k: int | None = None
+) -> GemvPlan:
+    """`plan_gemv` for group FP4_GEMV_PLAN_GROUP (the FP4 block where K is not a multiple of
+    it); then, split-K at its limit and the grid still short of GEMV_WAVES waves, BLOCK_N
+    halved (to 32; the FP4 GEMV has no tensor-core layout tied to its tile)."""
+    group = FP4_GEMV_PLAN_GROUP if k % FP4_GEMV_PLAN_GROUP == 0 else block
+    p = plan_gemv(m, n, k, group, sms, split_k)
+    target = GEMV_WAVES * GEMV_OCCUPANCY * sms
+    while split_k is None and p.block_n > 32 and m * p.grid[1] * p.grid[2] < target:
+        p = gemv_tile_plan(m, n, k, p.block_n // 2, p.block_k, p.split_k)
+    return p
+
+
 def gemv_tile_plan(m: int, n: int, k: int, block_n: int, block_k: int, split_k: int) -> GemvPlan:
     """The GEMV launch of a given tile and split (splits without a K step are dropped)."""
     k_steps = cdiv(k, block_k)

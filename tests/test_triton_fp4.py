@@ -1,0 +1,181 @@
+"""The Triton FP4 kernels (NVFP4, MXFP4) against x @ dequantize(p, float32).T.
+
+conftest sets TRITON_INTERPRET=1 before triton is imported, so on CPU the kernels run in the
+interpreter (tiny shapes); on a CUDA machine (QATPASS_TEST_CUDA=1) the compiled kernels. The
+sm_90 / sm_100 compile of both kernels runs in a subprocess without the interpreter (Triton's
+bundled ptxas: no GPU needed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from qatpass.kernels.triton import fp4, plan
+from qatpass.scheme import dequantize, quantize
+from qatpass.scheme_fp4 import Fp4Scheme
+
+from conftest import ACCUM
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(
+    not INTERPRET and not torch.cuda.is_available(),
+    reason="needs a CUDA device or TRITON_INTERPRET=1",
+)
+DEVICE = "cpu" if INTERPRET else "cuda"
+N = 40  # not a multiple of any BLOCK_N
+F32 = torch.float32
+
+
+def _weight(fmt: str, n: int, k: int):
+    """A packed FP4 weight with a zero block, a block of tiny values (subnormal E4M3 scales)
+    and rows of different magnitudes, and its operands on DEVICE."""
+    w = torch.randn(n, k) * torch.logspace(-2, 1, n).unsqueeze(-1)
+    w[1, :32] = 0.0
+    w[2, 32:64] *= 1e-4
+    p = quantize(w, Fp4Scheme(fmt))
+    gs = None if p.global_scale is None else p.global_scale.to(DEVICE)
+    return p, (p.qweight.to(DEVICE), p.scales.to(DEVICE), gs)
+
+
+def _check(y, x, p):
+    want = x.double() @ dequantize(p, F32).double().t()
+    assert y.dtype == F32 and y.shape == want.shape
+    # fp32 summation order (and the block scale applied to the block's sum): fp32 tolerance
+    torch.testing.assert_close(y.cpu().double(), want, **ACCUM[F32])
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+@pytest.mark.parametrize(("k", "block_k", "split_k"), [(96, 128, 1), (160, 32, 2), (288, 128, 3)])
+def test_gemv_is_x_at_dequantized_weight(fmt, dtype, k, block_k, split_k):
+    """K not a multiple of BLOCK_K (masked tails), forced splits, fp32 and bf16 x."""
+    p, (qweight, scales, gs) = _weight(fmt, N, k)
+    x = torch.randn(1, k).to(dtype)
+    tiles = plan.gemv_tile_plan(1, N, k, 32, block_k, split_k)
+    assert tiles.split_k == split_k
+    y = fp4.fp4_gemv(x.to(DEVICE), qweight, scales, gs, fmt=fmt, plan=tiles)
+    _check(y, x, p)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_gemv_default_plan_and_rows(fmt):
+    """The launcher's own plan (split-K on the interpreter's 4 SMs), and M = 2 rows."""
+    p, (qweight, scales, gs) = _weight(fmt, 72, 256)
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    _check(fp4.fp4_gemv(x.to(DEVICE), qweight, scales, gs, fmt=fmt), x, p)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "k", "split_k"), [(5, 96, 1), (17, 160, 2), (3, 32, None)])
+def test_gemm_is_x_at_dequantized_weight(fmt, dtype, m, k, split_k):
+    """Both step forms (BLOCK_K one block: MXFP4; two: NVFP4), K = 32, forced splits."""
+    p, (qweight, scales, gs) = _weight(fmt, N, k)
+    x = torch.randn(m, k).to(dtype)
+    y = fp4.fp4_gemm(x.to(DEVICE), qweight, scales, gs, fmt=fmt, split_k=split_k)
+    _check(y, x, p)
+
+
+def test_gemm_nvfp4_with_k_of_one_block_and_odd_blocks():
+    """K = 16 (a single NVFP4 block) and K = 48 (not a multiple of 32): BLOCK_K falls to 16."""
+    for k in (16, 48):
+        p, (qweight, scales, gs) = _weight("nvfp4", N, k)
+        x = torch.randn(3, k)
+        _check(fp4.fp4_gemm(x.to(DEVICE), qweight, scales, gs, fmt="nvfp4"), x, p)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_matmul_plans_and_zero_tensor(fmt):
+    """fp4_matmul: GEMV at M = 1, GEMM above; an all-zero weight gives exact zeros."""
+    from qatpass.kernels.triton.common import capture_launches
+
+    p, (qweight, scales, gs) = _weight(fmt, N, 128)
+    for m, kernel in ((1, "fp4_gemv_kernel"), (9, "fp4_gemm_kernel")):
+        x = torch.randn(m, 128, dtype=torch.bfloat16)
+        _check(fp4.fp4_matmul(x.to(DEVICE), qweight, scales, gs, fmt), x, p)
+        with capture_launches(sms=132) as launches:
+            fp4.fp4_matmul(x.to(DEVICE), qweight, scales, gs, fmt)
+        assert launches[0].kernel.__name__ == kernel
+    z = quantize(torch.zeros(N, 64), Fp4Scheme(fmt))
+    zgs = None if z.global_scale is None else z.global_scale.to(DEVICE)
+    x = torch.randn(4, 64)
+    y = fp4.fp4_matmul(x.to(DEVICE), z.qweight.to(DEVICE), z.scales.to(DEVICE), zgs, fmt)
+    assert torch.equal(y.cpu(), torch.zeros(4, N))
+
+
+def test_refusals_name_the_argument():
+    p, (qweight, scales, gs) = _weight("nvfp4", N, 64)
+    x = torch.randn(1, 64).to(DEVICE)
+    with pytest.raises(ValueError, match="global_scale"):
+        fp4.fp4_gemv(x, qweight, scales, None, fmt="nvfp4")
+    with pytest.raises(ValueError, match="fmt"):
+        fp4.fp4_gemv(x, qweight, scales, gs, fmt="fp4")
+    bad = plan.plan_gemm(2, N, 64, 64, 4)
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        fp4.fp4_gemm(x.expand(2, 64), qweight, scales, gs, fmt="nvfp4", plan=bad)
+
+
+def test_op_on_the_device_uses_the_triton_kernels():
+    """qatpass::fp4_linear reaches fp4_matmul on CUDA (bias in fp32, then x.dtype)."""
+    if DEVICE != "cuda":
+        pytest.skip("the op sends CPU tensors to the CPU kernel")
+    p, (qweight, scales, gs) = _weight("nvfp4", N, 128)
+    x = torch.randn(3, 128, dtype=torch.bfloat16, device=DEVICE)
+    bias = torch.randn(N, device=DEVICE)
+    y = torch.ops.qatpass.fp4_linear(x, qweight, scales, gs, bias, fmt="nvfp4")
+    ref = (x.float() @ dequantize(p, F32).to(DEVICE).t() + bias).to(torch.bfloat16)
+    torch.testing.assert_close(y, ref, **ACCUM[torch.bfloat16])
+
+
+COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from triton.backends.compiler import GPUTarget
+    import triton
+    from triton.compiler import ASTSource
+    from qatpass.kernels.triton import fp4
+
+    POINTERS = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "qbytes_ptr": "*u8",
+                "scales_ptr": "*u8", "gs_ptr": "*fp32", "out_ptr": "*fp32"}
+    gemv = {"SPLIT_K": 2, "EVEN_K": False, "EVEN_N": False, "BLOCK_N": 128, "BLOCK_K": 128,
+            "UNROLL": 2}
+    gemm = {"SPLIT_K": 2, "DOT_FP32": False, "BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 32}
+    for arch in (90, 100):
+        for fmt, block in (("nvfp4", 16), ("mxfp4", 32)):
+            for kernel, meta, opts in ((fp4.fp4_gemv_kernel, gemv, {"maxnreg": 128}),
+                                       (fp4.fp4_gemm_kernel, gemm, {})):
+                meta = {**meta, "FMT": fp4.FP4_FORMAT_IDS[fmt], "BLOCK": block}
+                if fmt == "mxfp4":
+                    meta["gs_ptr"] = None
+                sig = {a: "constexpr" if a in meta else POINTERS.get(a, "i32")
+                       for a in kernel.arg_names}
+                attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names)
+                         if a in POINTERS and a not in meta}
+                src = ASTSource(fn=kernel, signature=sig, constexprs=meta, attrs=attrs)
+                out = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+                assert out.asm["cubin"], (arch, fmt, kernel)
+    print("compiled")
+    """
+)
+
+
+@pytest.mark.skipif(
+    not INTERPRET or importlib.util.find_spec("triton.backends.nvidia") is None,
+    reason="needs Triton's NVIDIA backend (it bundles ptxas); a CUDA run compiles anyway",
+)
+def test_kernels_compile_for_sm90_and_sm100_without_a_gpu():
+    """The interpreter never runs Triton's compiler: build the GEMV and the GEMM, both
+    formats, for Hopper and Blackwell through the bundled ptxas."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["QATPASS_TEST_CUDA"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
