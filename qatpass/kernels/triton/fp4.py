@@ -11,10 +11,11 @@ sync: CUDA-graph safe). Kernels, launched as the INT4 ones (`common.launch`, pla
 - `fp4_gemv_kernel` (M <= plan.GEMV_MAX_M, decode): the INT4 GEMV's tile, split-K and prefetch
   (`plan.plan_fp4_gemv`: `plan_gemv`'s rules; `gemv._load_words` / `_load_side`: 128-bit
   evict-first word loads, the next step's words loaded before this step's math), CUDA cores;
-- `fp4_gemm_kernel` (M >= 2): the INT4 GEMM's tiling (`plan.plan_gemm`), tensor-core `tl.dot`.
+- `fp4_gemm_kernel` (M >= 2): the INT4 GEMM's tiling (`plan.plan_fp4_gemm`: `plan_gemm`'s
+  rules), the weight tile decoded in registers into one tensor-core `tl.dot` per K step.
 
-Decode (`e2m1_value`, `block_scale`: the only FP4 decode, used by both kernels). An E2M1 code
-s|e1 e0|m moved to fp32 bits 31 | 22..24 is exactly its value times 2**-126 (e = 0 lands in
+Decode (`e2m1_value`, `block_factor`, `block_scale`: the only FP4 decode, used by both
+kernels). An E2M1 code s|e1 e0|m moved to fp32 bits 31 | 22..24 is exactly its value times 2**-126 (e = 0 lands in
 fp32's subnormals: code 1, 0.5, becomes 2**-127), so one arithmetic shift, one AND and one
 exact multiply by 2**126 give the value. The E4M3 byte (positive) is exactly the fp32
 ((b << 20) + (120 << 23)) when normal, m * 2**-9 when subnormal; NVFP4's element scale is
@@ -22,17 +23,28 @@ that / global_scale as an IEEE division (`div_rn`), which is `Fp4Scheme.element_
 is 2**(b - 127) from the bits (b = 0: the subnormal 2**-127).
 
 Numerics. The reference is x @ dequantize(p, float32).T: w = v * s in fp32 (v the E2M1
-value, s the block's fp32 element scale), products w * x and their sum in fp32. Both kernels
-apply s once per block to the block's partial sum instead: y = sum_b s_b * (sum_{k in b} v_k
-x_k). For 16-bit x each v_k x_k is exact in fp32 (2 + 11 significant bits; for fp32 x it is
-rounded once, as the reference's w_k x_k is); the partial sums are fp32 sums, and s_b *
-partial rounds once where the reference rounds each w_k = v_k s_b once. Both are fp32 evaluations of the same exact sum with
-one rounding per operation, differing only in where the roundings fall: an error of the size of
-a different fp32 summation order (<= (n + 1) u sum |w x|, u = 2**-24). On the tensor cores
-(16-bit x) the E2M1 values are exact in bf16 and fp16, so the mma's operands are exact and its
-products exact (2 + 11 bits), accumulated in fp32; the block scale multiplies the mma's fp32
-result after each block. DOT_FP32 (fp32 x, and the interpreter, whose bf16 `tl.dot` is wrong)
-runs the same dot in fp32 (`input_precision="ieee"`, never TF32).
+value, s the block's fp32 element scale: E4M3 / gs for NVFP4, 2**e for MXFP4), products w * x
+and their sum in fp32.
+
+- GEMV (CUDA cores): s is applied once per block to the block's partial sum: y = sum_b s_b *
+  (sum_{k in b} v_k x_k). For 16-bit x each v_k x_k is exact in fp32 (2 + 11 significant
+  bits; for fp32 x it is rounded once, as the reference's w_k x_k is); the partial sums are
+  fp32 sums, and s_b * partial rounds once where the reference rounds each w_k = v_k s_b once.
+  Both are fp32 evaluations of the same exact sum with one rounding per operation, differing
+  only in where the roundings fall: an error of the size of a different fp32 summation order
+  (<= (n + 1) u sum |w x|, u = 2**-24).
+- GEMM (tensor cores, FUSED): the weight fed to the dot is v * f, f the block's stored factor
+  (the E4M3 value; the E8M0 power of two), in x's dtype, and it is exact there: v * E4M3 has at
+  most 2 + 4 significant bits and lies in [2**-10, 2688] (exact in bf16 and fp16); v * 2**e is
+  the reference's w itself, exact in bf16 (fp32's exponent range, its subnormals included) but
+  not always in fp16, so MXFP4 with fp16 x is not fused. The mma multiplies exact 16-bit
+  operands exactly and accumulates in fp32; NVFP4's 1 / gs is applied to the sums (one IEEE
+  division per output) where the reference folds it into each element scale: the same
+  rounding-placement difference as above. Unfused (MXFP4, fp16 x): one block per K step, the
+  dot of the values (exact in fp16) then times 2**e (exact unless the sum under- or overflows).
+  DOT_FP32 (fp32 x, and the interpreter, whose bf16 `tl.dot` is wrong) runs the same dots in
+  fp32 (`input_precision="ieee"`, never TF32). Tensor cores are assumed to keep bf16
+  subnormal inputs (only MXFP4 blocks with amax below 2**-124 produce them).
 """
 
 from __future__ import annotations
@@ -47,8 +59,8 @@ from qatpass.kernels.triton.plan import (
     GEMV_MAX_M,
     GemmPlan,
     GemvPlan,
+    plan_fp4_gemm,
     plan_fp4_gemv,
-    plan_gemm,
 )
 from qatpass.kernels.triton.splitk_reduce import splitk_output, splitk_reduce
 from qatpass.scheme_fp4 import FP4_FORMATS
@@ -61,9 +73,9 @@ E2M1_BITS = tl.constexpr(-2118123520)  # 0x81C00000
 TWO_POW_126 = tl.constexpr(8.507059173023462e37)
 E4M3_REBIAS = tl.constexpr(120 << 23)  # fp32 exponent bias 127 - E4M3's 7, in place
 E8M0_ZERO_BITS = tl.constexpr(0x00400000)  # fp32 2**-127 (subnormal)
-# GEMM: BLOCK_K of the FP4 tile (16 bytes a column: 128-bit weight loads); NVFP4's two
-# blocks per step are split in registers (`fp4_gemm_kernel`)
-FP4_GEMM_BLOCK_K = 32
+# GEMM: the BLOCK_Ks the plan may use (the largest dividing K, >= 32 where K allows: 16 bytes
+# a column, 128-bit weight loads; plan_gemm may narrow it; 128 spilled at M = 16 on sm_90)
+FP4_GEMM_BLOCK_KS = (64, 32, 16)
 # GEMV: the unroll (renames the prefetch registers, as the INT4 GEMV) and the register cap
 # that keeps plan.GEMV_OCCUPANCY CTAs per SM (without it 120-168 registers, by target)
 FP4_GEMV_UNROLL = 2
@@ -79,16 +91,25 @@ def e2m1_value(t):
 
 
 @triton.jit
-def block_scale(byte, gs, FMT: tl.constexpr):
-    """fp32 element scale of a stored block-scale byte: NVFP4 (FMT 0) E4M3 / gs (IEEE
-    division), MXFP4 (FMT 1) E8M0 2**(byte - 127)."""
+def block_factor(byte, FMT: tl.constexpr):
+    """fp32 value of a stored block-scale byte: NVFP4 (FMT 0) E4M3 (positive), MXFP4 (FMT 1)
+    E8M0 2**(byte - 127)."""
     b = byte.to(tl.int32) & 0xFF
     if FMT == 0:
         m = b & 0x7F  # scales are positive
         normal = ((m << 20) + E4M3_REBIAS).to(tl.float32, bitcast=True)
-        s = tl.where(m >= 8, normal, (m & 7).to(tl.float32) * 0.001953125)
-        return tl.div_rn(s, tl.zeros_like(s) + gs)
+        return tl.where(m >= 8, normal, (m & 7).to(tl.float32) * 0.001953125)
     return tl.where(b == 0, E8M0_ZERO_BITS, b << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def block_scale(byte, gs, FMT: tl.constexpr):
+    """fp32 element scale of a stored block-scale byte: NVFP4 E4M3 / gs (IEEE division, as
+    `Fp4Scheme.element_scales`), MXFP4 the E8M0 value."""
+    s = block_factor(byte, FMT)
+    if FMT == 0:
+        return tl.div_rn(s, tl.zeros_like(s) + gs)
+    return s
 
 
 @triton.jit
@@ -194,16 +215,6 @@ def _decode_bytes(packed, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _block_dot(x_tile, values, scale, acc, DOT_FP32: tl.constexpr):
-    """acc + (x_tile @ values) * scale[None, :]: one block's dot, then its fp32 scale."""
-    if DOT_FP32:
-        part = tl.dot(x_tile.to(tl.float32), values, input_precision="ieee")
-    else:
-        part = tl.dot(x_tile, values.to(x_tile.dtype))  # E2M1 values are exact in 16 bits
-    return acc + part * scale[None, :]
-
-
-@triton.jit
 def fp4_gemm_kernel(
     # tensors
     x_ptr,  # fp16/bf16/fp32 [M, K]
@@ -223,7 +234,8 @@ def fp4_gemm_kernel(
     stride_os,
     # meta
     FMT: tl.constexpr,  # FP4_FORMAT_IDS
-    BLOCK: tl.constexpr,  # the format's block size; BLOCK_K is 1 or 2 blocks
+    BLOCK: tl.constexpr,  # the format's block size; BLOCK_K is a multiple of it
+    FUSED: tl.constexpr,  # weights exact in the dot's dtype (see the module docstring)
     SPLIT_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -231,7 +243,9 @@ def fp4_gemm_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """out = x @ w.T tile by tile; grid (M/BLOCK_M, N/BLOCK_N, SPLIT_K), M fastest. K is a
-    multiple of BLOCK_K (K is one of BLOCK, and BLOCK_K divides it or is two of them)."""
+    multiple of BLOCK_K. FUSED: w = value * block factor (E4M3 value, E8M0 power of two) in the
+    dot's dtype, one dot per step, NVFP4's 1 / global scale applied to the sums; otherwise
+    (BLOCK_K == BLOCK) each step's dot of the values, then times the block scale."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -239,37 +253,43 @@ def fp4_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    gs = _global_scale(gs_ptr, FMT)
 
     k_blocks = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_blocks, SPLIT_K)
     kb_start = pid_k * per_split
     kb_end = tl.minimum(kb_start + per_split, k_blocks)
-    HALF: tl.constexpr = BLOCK_K // 2  # bytes per column per step
+    NB: tl.constexpr = BLOCK_K // BLOCK  # blocks per step
     rows = qbytes_ptr + offs_n.to(tl.int64)[None, :] * stride_qn
-    s_rows = scales_ptr + offs_n * stride_sn
+    s_rows = scales_ptr + offs_n[None, :] * stride_sn
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(kb_start, kb_end):
         k0 = kb * BLOCK_K
-        offs_b = k0 // 2 + tl.arange(0, HALF)
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(rows + offs_b[:, None], mask=mask_n[None, :], other=0,
                          eviction_policy="evict_first").to(tl.int32)  # fmt: skip
-        x_rows = x_ptr + offs_m[:, None] * stride_xm
-        g0 = k0 // BLOCK
-        s0 = block_scale(tl.load(s_rows + g0, mask=mask_n, other=0), gs, FMT)
-        if BLOCK_K == BLOCK:
-            x_tile = tl.load(x_rows + (k0 + tl.arange(0, BLOCK_K))[None, :],
-                             mask=mask_m[:, None], other=0.0)  # fmt: skip
-            acc = _block_dot(x_tile, _decode_bytes(packed, BLOCK_N, HALF), s0, acc, DOT_FP32)
-        else:  # two blocks: split the byte tile's halves in registers, one dot per block
-            b0, b1 = tl.split(tl.permute(tl.reshape(packed, (2, HALF // 2, BLOCK_N)), (1, 2, 0)))
-            s1 = block_scale(tl.load(s_rows + g0 + 1, mask=mask_n, other=0), gs, FMT)
-            offs_k = k0 + tl.arange(0, BLOCK)
-            x0 = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-            x1 = tl.load(x_rows + (offs_k + BLOCK)[None, :], mask=mask_m[:, None], other=0.0)
-            acc = _block_dot(x0, _decode_bytes(b0, BLOCK_N, HALF // 2), s0, acc, DOT_FP32)
-            acc = _block_dot(x1, _decode_bytes(b1, BLOCK_N, HALF // 2), s1, acc, DOT_FP32)
+        values = _decode_bytes(packed, BLOCK_N, BLOCK_K // 2)
+        groups = k0 // BLOCK + tl.arange(0, NB)
+        factor = block_factor(tl.load(s_rows + groups[:, None], mask=mask_n[None, :], other=0),
+                              FMT)  # fmt: skip
+        x_tile = tl.load(x_rows + (k0 + tl.arange(0, BLOCK_K))[None, :], mask=mask_m[:, None],
+                         other=0.0)  # fmt: skip
+        if FUSED:
+            w = tl.reshape(tl.reshape(values, (NB, BLOCK, BLOCK_N)) * factor[:, None, :],
+                           (BLOCK_K, BLOCK_N))  # fmt: skip
+            if DOT_FP32:
+                acc = tl.dot(x_tile.to(tl.float32), w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x_tile, w.to(x_tile.dtype), acc)  # exact in x's dtype
+        else:  # one block per step (MXFP4, fp16 x): the values' dot, then the scale
+            if DOT_FP32:
+                part = tl.dot(x_tile.to(tl.float32), values, input_precision="ieee")
+            else:
+                part = tl.dot(x_tile, values.to(x_tile.dtype))  # E2M1 values are exact
+            acc += part * tl.reshape(factor, (BLOCK_N,))[None, :]
+    if FMT == 0:  # NVFP4's element scale is E4M3 / global scale: the division, once per sum
+        acc = tl.div_rn(acc, tl.zeros_like(acc) + _global_scale(gs_ptr, FMT))
 
     mask = mask_m[:, None] & mask_n[None, :]
     out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -334,18 +354,21 @@ def fp4_gemm(
     split_k: int | None = None,
     plan: GemmPlan | None = None,
 ) -> torch.Tensor:
-    """fp32 x [M, K] @ W.T by the FP4 GEMM; `plan` defaults to `plan_gemm` with BLOCK_K
-    FP4_GEMM_BLOCK_K (the block where that does not divide K), `split_k` forced when given."""
+    """fp32 x [M, K] @ W.T by the FP4 GEMM; `plan` defaults to `plan.plan_fp4_gemm`, `split_k`
+    forced when given."""
     x, qweight, scales, gs = _operands(x, qweight, scales, global_scale, fmt)
     m, k = x.shape
     n = qweight.shape[0]
     block = FP4_FORMATS[fmt]
+    # MXFP4's weights 2**e * value are exact in bf16 (and fp32) but not always in fp16
+    fused = fmt == "nvfp4" or x.dtype != torch.float16
     if plan is None:
-        step = FP4_GEMM_BLOCK_K if k % FP4_GEMM_BLOCK_K == 0 else block
-        plan = plan_gemm(m, n, k, step, num_sms(x.device), split_k)
-    if plan.block_k not in (block, 2 * block) or k % plan.block_k:
+        step = next(g for g in FP4_GEMM_BLOCK_KS if k % g == 0) if fused else block
+        plan = plan_fp4_gemm(m, n, k, step, num_sms(x.device), split_k, narrow=not fused)
+    if plan.block_k % block or k % plan.block_k or not (fused or plan.block_k == block):
         raise ValueError(
-            f"plan: BLOCK_K {plan.block_k} must be one or two {fmt} blocks and divide K={k}"
+            f"plan: BLOCK_K {plan.block_k} must be a multiple of the {fmt} block (the block "
+            f"itself for fp16 x with mxfp4) and divide K={k}"
         )
     out, stride_os = splitk_output(x, m, n, plan.split_k, torch.float32)
     launch(fp4_gemm_kernel, plan.grid, dict(
@@ -353,7 +376,7 @@ def fp4_gemm(
         out_ptr=out, M=m, N=n, K=k,
         stride_xm=x.stride(0), stride_qn=qweight.stride(0) * 4, stride_sn=scales.stride(0),
         stride_om=n, stride_os=stride_os,
-        FMT=FP4_FORMAT_IDS[fmt], BLOCK=block, SPLIT_K=plan.split_k,
+        FMT=FP4_FORMAT_IDS[fmt], BLOCK=block, FUSED=fused, SPLIT_K=plan.split_k,
         DOT_FP32=use_fp32_dot(x), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_K=plan.block_k, num_warps=plan.num_warps, num_stages=plan.num_stages,
     ))  # fmt: skip
