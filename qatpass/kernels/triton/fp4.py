@@ -14,25 +14,26 @@ sync: CUDA-graph safe). Kernels, launched as the INT4 ones (`common.launch`, pla
 - `fp4_gemm_kernel` (M >= 2): the INT4 GEMM's tiling (`plan.plan_fp4_gemm`: `plan_gemm`'s
   rules), the weight tile decoded in registers into one tensor-core `tl.dot` per K step.
 
-Decode (`e2m1_value`, `block_factor`, `block_scale`: the only FP4 decode, used by both
-kernels). An E2M1 code s|e1 e0|m moved to fp32 bits 31 | 22..24 is exactly its value times 2**-126 (e = 0 lands in
-fp32's subnormals: code 1, 0.5, becomes 2**-127), so one arithmetic shift, one AND and one
+Decode (`e2m1_value`, `block_factor`: the only FP4 decode, used by both kernels). An E2M1
+code s|e1 e0|m moved to fp32 bits 31 | 22..24 is exactly its value times 2**-126 (e = 0 lands
+in fp32's subnormals: code 1, 0.5, becomes 2**-127), so one arithmetic shift, one AND and one
 exact multiply by 2**126 give the value. The E4M3 byte (positive) is exactly the fp32
-((b << 20) + (120 << 23)) when normal, m * 2**-9 when subnormal; NVFP4's element scale is
-that / global_scale as an IEEE division (`div_rn`), which is `Fp4Scheme.element_scales`. E8M0
-is 2**(b - 127) from the bits (b = 0: the subnormal 2**-127).
+((b << 20) + (120 << 23)) when normal, m * 2**-9 when subnormal (NVFP4's element scale,
+`Fp4Scheme.element_scales`, is that / global_scale: the kernels divide the sums instead, an
+IEEE division, `div_rn`). E8M0 is 2**(b - 127) from the bits (b = 0: the subnormal 2**-127).
 
 Numerics. The reference is x @ dequantize(p, float32).T: w = v * s in fp32 (v the E2M1
 value, s the block's fp32 element scale: E4M3 / gs for NVFP4, 2**e for MXFP4), products w * x
 and their sum in fp32.
 
-- GEMV (CUDA cores): s is applied once per block to the block's partial sum: y = sum_b s_b *
-  (sum_{k in b} v_k x_k). For 16-bit x each v_k x_k is exact in fp32 (2 + 11 significant
+- GEMV (CUDA cores): the block's stored factor f_b (E4M3 value, or 2**e) is applied once per
+  block to the block's partial sum, NVFP4's 1 / gs once to the row's sum: y = (sum_b f_b *
+  (sum_{k in b} v_k x_k)) / gs. For 16-bit x each v_k x_k is exact in fp32 (2 + 11 significant
   bits; for fp32 x it is rounded once, as the reference's w_k x_k is); the partial sums are
-  fp32 sums, and s_b * partial rounds once where the reference rounds each w_k = v_k s_b once.
-  Both are fp32 evaluations of the same exact sum with one rounding per operation, differing
-  only in where the roundings fall: an error of the size of a different fp32 summation order
-  (<= (n + 1) u sum |w x|, u = 2**-24).
+  fp32 sums, and the factor and the division round once each where the reference rounds
+  s_b = f_b / gs and each w_k = v_k s_b once. Both are fp32 evaluations of the same exact sum
+  with one rounding per operation, differing only in where the roundings fall: an error of
+  the size of a different fp32 summation order (<= (n + 2) u sum |w x|, u = 2**-24).
 - GEMM (tensor cores, FUSED): the weight fed to the dot is v * f, f the block's stored factor
   (the E4M3 value; the E8M0 power of two), in x's dtype, and it is exact there: v * E4M3 has at
   most 2 + 4 significant bits and lies in [2**-10, 2688] (exact in bf16 and fp16); v * 2**e is
@@ -100,16 +101,6 @@ def block_factor(byte, FMT: tl.constexpr):
         normal = ((m << 20) + E4M3_REBIAS).to(tl.float32, bitcast=True)
         return tl.where(m >= 8, normal, (m & 7).to(tl.float32) * 0.001953125)
     return tl.where(b == 0, E8M0_ZERO_BITS, b << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def block_scale(byte, gs, FMT: tl.constexpr):
-    """fp32 element scale of a stored block-scale byte: NVFP4 E4M3 / gs (IEEE division, as
-    `Fp4Scheme.element_scales`), MXFP4 the E8M0 value."""
-    s = block_factor(byte, FMT)
-    if FMT == 0:
-        return tl.div_rn(s, tl.zeros_like(s) + gs)
-    return s
 
 
 @triton.jit
@@ -196,10 +187,12 @@ def fp4_gemv_kernel(
                                   BLOCK, False, EVEN_K, EVEN_N, BLOCK_K, NG)  # fmt: skip
         words = tl.reshape(words, (BLOCK_N, NG, WG))
         part = _fp4_word_dot(words, _planes(x.to(tl.float32), BKW, NG, WG))
-        # the block's partial sum, then its scale (see the module docstring)
-        acc += tl.sum(part, axis=2) * block_scale(sbytes, gs, FMT)
+        # the block's partial sum, then its stored factor (see the module docstring)
+        acc += tl.sum(part, axis=2) * block_factor(sbytes, FMT)
 
     out_row = tl.sum(acc, axis=1)
+    if FMT == 0:  # NVFP4's element scale is E4M3 / global scale: the division, once per sum
+        out_row = tl.div_rn(out_row, tl.zeros_like(out_row) + gs)
     if SPLIT_K == 1:
         tl.store(out_ptr + row * stride_om + offs_n, out_row, mask=mask_n)
     else:
