@@ -497,6 +497,7 @@ QUICK = [  # a representative subset (the CI test's): every kernel family and gr
     Case(
         2048, 4096, 4096, 128, "bfloat16", True
     ),  # dequantize + cuBLAS (plan.DEQUANT_MATMUL_MIN_M)
+    Case(1, 4096, 4096, 32, "bfloat16", False, "int4", 100),  # the tensor-core GEMV on sm_100
     # FP4: the GEMV (with its split-K reduce) and both GEMM forms, on both targets
     Case(1, 4096, 4096, 16, "bfloat16", False, "nvfp4", 90),
     Case(1, 14336, 4096, 16, "bfloat16", False, "nvfp4", 100),

@@ -1,9 +1,9 @@
 """The static kernel report's CI gate: no spills, 128-bit weight loads, GEMV within its budgets.
 
 Runs `benchmarks/sass_report.py --quick` (a representative subset of the benchmark cases: every
-kernel family and both group paths, INT4 on sm_90, the FP4 formats on sm_90 and sm_100) in a
-fresh process without the Triton interpreter: the kernels are compiled through Triton's bundled
-ptxas and read back with its nvdisasm, so no GPU is needed.
+kernel family and both group paths, INT4 on sm_90 and its GEMV on sm_100, the FP4 formats on
+sm_90 and sm_100) in a fresh process without the Triton interpreter: the kernels are compiled
+through Triton's bundled ptxas and read back with its nvdisasm, so no GPU is needed.
 """
 
 from __future__ import annotations
