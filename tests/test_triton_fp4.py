@@ -139,6 +139,76 @@ def test_op_on_the_device_uses_the_triton_kernels():
     torch.testing.assert_close(y, ref, **ACCUM[torch.bfloat16])
 
 
+def _run_decode_ptx(asm: str, word: int, factor: int) -> list[int]:
+    """Interpret the decode part of fp4._fp4_mma_asm (everything before the first mma) on one
+    word ($1) and bf16 factor pair ($2): shl / shr / and / lop3 0xea / mov on 32 bits, and
+    mul.rn.bf16x2 in float64 rounded to bf16 (the products are exact: a rounding shows up as
+    a mismatch below). Returns t0..t3."""
+    regs = {"$1": word, "$2": factor}
+
+    def val(a: str) -> int:
+        return regs[a] if a in regs else int(a, 0)
+
+    def bf16(h: int) -> float:
+        return (
+            torch.tensor([h & 0xFFFF], dtype=torch.int32)
+            .to(torch.int16)
+            .view(torch.bfloat16)
+            .item()
+        )
+
+    for ins in asm.split("mma.sync")[0].split(";"):
+        op, _, rest = ins.strip().partition(" ")
+        args = [a.strip() for a in rest.split(",")]
+        if not args[0] or args[0][0] not in "tuc":
+            continue  # declarations, the mma operand zeros
+        a = [val(x) for x in args[1:]] if op != "mul.rn.bf16x2" else []
+        if op == "shl.b32":
+            regs[args[0]] = (a[0] << a[1]) & 0xFFFFFFFF
+        elif op == "shr.u32":
+            regs[args[0]] = a[0] >> a[1]
+        elif op == "and.b32":
+            regs[args[0]] = a[0] & a[1]
+        elif op == "lop3.b32":
+            assert a[3] == 0xEA  # (a & b) | c
+            regs[args[0]] = (a[0] & a[1]) | a[2]
+        elif op == "mov.b32":
+            regs[args[0]] = a[0]
+        elif op == "mul.rn.bf16x2":
+            x, y = val(args[1]), val(args[2])
+            halves = []
+            for sh in (0, 16):
+                prod = torch.tensor([bf16(x >> sh) * bf16(y >> sh)], dtype=torch.float64)
+                halves.append(prod.to(torch.bfloat16).view(torch.int16).item() & 0xFFFF)
+            regs[args[0]] = halves[0] | (halves[1] << 16)
+        else:
+            raise AssertionError(f"unexpected PTX {ins!r}")
+    return [regs[f"t{j}"] for j in range(4)]
+
+
+def test_tensor_core_gemv_decode_ptx_gives_exact_bf16_weights():
+    """The tensor-core GEMV's inline PTX decode (interpreted here: the Triton interpreter never
+    runs inline PTX): t_j = bf16 pair (value(code j) * f, value(code j + 4) * f), exactly, for
+    every code in every nibble position and block factors across E4M3 and E8M0."""
+    from qatpass.scheme_fp4 import e2m1_decode
+
+    asm = fp4._fp4_mma_asm()
+    factors = [448.0, 1.0, 0.001953125, 0.013671875, 2.0**-127, 2.0**100]
+    words = [sum(((c + 3 * j) % 16) << (4 * j) for j in range(8)) for c in range(16)]
+    for f in factors:
+        fb = torch.tensor([f], dtype=torch.bfloat16)
+        assert fb.double().item() == f
+        fbits = fb.view(torch.int16).item() & 0xFFFF
+        for word in words:
+            t = _run_decode_ptx(asm, word, fbits | (fbits << 16))
+            for j in range(4):
+                for half, nib in ((0, j), (1, j + 4)):
+                    code = torch.tensor([(word >> (4 * nib)) & 0xF], dtype=torch.uint8)
+                    want = torch.tensor([e2m1_decode(code).item() * f], dtype=torch.bfloat16)
+                    got = (t[j] >> (16 * half)) & 0xFFFF
+                    assert got == want.view(torch.int16).item() & 0xFFFF, (f, hex(word), j, half)
+
+
 COMPILE_SCRIPT = textwrap.dedent(
     """
     import torch
@@ -150,7 +220,7 @@ COMPILE_SCRIPT = textwrap.dedent(
     POINTERS = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "qbytes_ptr": "*u8",
                 "scales_ptr": "*u8", "gs_ptr": "*fp32", "out_ptr": "*fp32"}
     gemv = {"SPLIT_K": 2, "EVEN_K": False, "EVEN_N": False, "BLOCK_N": 128, "BLOCK_K": 128,
-            "UNROLL": 2}
+            "UNROLL": 2, "INTERPRET": False}  # bf16 x: the tensor-core path
     gemm = {"SPLIT_K": 2, "DOT_FP32": False, "FUSED": True, "BLOCK_M": 16, "BLOCK_N": 128,
             "BLOCK_K": 64}
     unfused = {**gemm, "FUSED": False, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}

@@ -10,7 +10,9 @@ sync: CUDA-graph safe). Kernels, launched as the INT4 ones (`common.launch`, pla
 
 - `fp4_gemv_kernel` (M <= plan.GEMV_MAX_M, decode): the INT4 GEMV's tile, split-K and prefetch
   (`plan.plan_fp4_gemv`: `plan_gemv`'s rules; `gemv._load_words` / `_load_side`: 128-bit
-  evict-first word loads, the next step's words loaded before this step's math), CUDA cores;
+  evict-first word loads, the next step's words loaded before this step's math); tensor cores
+  for bf16 x on GPU (`_fp4_mma_word`: gemv._mma_word's mma.sync layout and x pairs), CUDA
+  cores otherwise (fp16 / fp32 x, the interpreter);
 - `fp4_gemm_kernel` (M >= 2): the INT4 GEMM's tiling (`plan.plan_fp4_gemm`: `plan_gemm`'s
   rules), the weight tile decoded in registers into one tensor-core `tl.dot` per K step.
 
@@ -34,6 +36,13 @@ and their sum in fp32.
   s_b = f_b / gs and each w_k = v_k s_b once. Both are fp32 evaluations of the same exact sum
   with one rounding per operation, differing only in where the roundings fall: an error of
   the size of a different fp32 summation order (<= (n + 2) u sum |w x|, u = 2**-24).
+- GEMV, tensor cores (bf16 x): per word the PTX decode puts codes (j, j + 4) at bf16 bits
+  6..9 / 22..25 (sign at 15 / 31): the bf16 pair of value * 2**-126 exactly (code 1 a bf16
+  subnormal, 2**-127); times 2**126 (exact) it is the values, times the block factor f (bf16,
+  exact: the E4M3 value or 2**e) the weights v * f, exact in bf16 as below; two mma.sync
+  m16n8k16 multiply them by x exactly and accumulate in fp32 (with the tensor cores'
+  truncating alignment, an error of the size of a different fp32 summation order, as the INT4
+  GEMV says); NVFP4's 1 / gs once per output. `mul.rn.bf16x2` keeps subnormals (no .ftz).
 - GEMM (tensor cores, FUSED): the weight fed to the dot is v * f, f the block's stored factor
   (the E4M3 value; the E8M0 power of two), in x's dtype, and it is exact there: v * E4M3 has at
   most 2 + 4 significant bits and lies in [2**-10, 2688] (exact in bf16 and fp16); v * 2**e is
@@ -54,10 +63,24 @@ import torch
 import triton
 import triton.language as tl
 
-from qatpass.kernels.triton.common import check_device, launch, num_sms, use_fp32_dot
-from qatpass.kernels.triton.gemv import _load_side, _load_words, _planes
+from qatpass.kernels.triton.common import (
+    check_device,
+    interpreting,
+    launch,
+    num_sms,
+    use_fp32_dot,
+)
+from qatpass.kernels.triton.gemv import (
+    _load_side,
+    _load_words,
+    _packed_consts,
+    _planes,
+    _x_pairs,
+)
 from qatpass.kernels.triton.plan import (
+    FP4_GEMV_OCCUPANCY,
     GEMV_MAX_M,
+    GEMV_MMA_BLOCK_K,
     GemmPlan,
     GemvPlan,
     plan_fp4_gemm,
@@ -77,10 +100,9 @@ E8M0_ZERO_BITS = tl.constexpr(0x00400000)  # fp32 2**-127 (subnormal)
 # GEMM: the BLOCK_Ks the plan may use (the largest dividing K, >= 32 where K allows: 16 bytes
 # a column, 128-bit weight loads; plan_gemm may narrow it; 128 spilled at M = 16 on sm_90)
 FP4_GEMM_BLOCK_KS = (64, 32, 16)
-# GEMV: the unroll (renames the prefetch registers, as the INT4 GEMV) and the register cap
-# that keeps plan.GEMV_OCCUPANCY CTAs per SM (without it 120-168 registers, by target)
+# GEMV: the unroll (renames the prefetch registers, as the INT4 GEMV)
 FP4_GEMV_UNROLL = 2
-FP4_GEMV_MAX_REGS = 128
+REGS_PER_SM = 65536
 
 
 @triton.jit
@@ -126,6 +148,50 @@ def _fp4_word_dot(words, xs):
     return acc
 
 
+# The tensor-core GEMV's decode: nibble pair (j, j + 4) of a word shifted to bits 6..9 / 22..25
+# (bf16: the magnitude index on the exponent's low 2 bits and the mantissa's top bit), the
+# sign bits moved to 15 / 31: the bf16 pair of value * 2**-126 (index 1 a subnormal), exact.
+E2M1_BF16_SHIFTS = ((6, "shl"), (2, "shl"), (2, "shr"), (6, "shr"))
+BF16_TWO_POW_126 = "0x7E807E80"  # bf16 2**126 in both halves
+MMA_BLOCK_K = tl.constexpr(GEMV_MMA_BLOCK_K)  # the tile gemv._mma_word's layout needs
+
+
+@triton.constexpr_function
+def _fp4_mma_asm() -> str:
+    """PTX: word $1 -> t0..t3, the bf16 pairs (value(nibble j) * f, value(nibble j + 4) * f),
+    f the bf16 pair $2 (the block factor); then two mma.sync m16n8k16 (bf16, fp32
+    accumulation) with the x pairs $3..$6 onto $7 (the layout of gemv._mma_word)."""
+    decode = "mov.b32 c, " + BF16_TWO_POW_126 + ";"
+    for j, (n, op) in enumerate(E2M1_BF16_SHIFTS):
+        shift = f"shl.b32 u, $1, {n};" if op == "shl" else f"shr.u32 u, $1, {n};"
+        decode += (
+            shift
+            + f"and.b32 t{j}, u, 0x01C001C0; shl.b32 u, u, 6;"
+            + f"lop3.b32 t{j}, u, 0x80008000, t{j}, 0xea;"
+            + f"mul.rn.bf16x2 t{j}, t{j}, c; mul.rn.bf16x2 t{j}, t{j}, $2;"
+        )
+    mma = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+    return (
+        "{ .reg .b32 t0, t1, t2, t3, u, z, c; .reg .f32 p, q1, q2, q3, zf;"
+        "mov.b32 z, 0; mov.f32 zf, 0f00000000;"
+        + decode
+        + f"{mma} {{p, q1, q2, q3}}, {{t0, z, t1, z}}, {{$3, $4}}, {{$7, $7, zf, zf}};"
+        + f"{mma} {{$0, q1, q2, q3}}, {{t2, z, t3, z}}, {{$5, $6}}, {{p, q1, q2, q3}};"
+        + "}"
+    )
+
+
+@triton.jit
+def _fp4_mma_word(words, f2, xp0, xp1, xp2, xp3, acc):
+    """acc + (the quad's dot of its words with x) on the tensor cores: per word, the bf16
+    weights value * f (exact: see the module docstring) and two mma.sync (gemv._mma_word's
+    operand layout; the caller divides the sum by the quad's 4 lanes)."""
+    return tl.inline_asm_elementwise(
+        _fp4_mma_asm(), "=f,r,r,r,r,r,r,f", [words, f2, xp0, xp1, xp2, xp3, acc],
+        dtype=tl.float32, is_pure=True, pack=1,
+    )  # fmt: skip
+
+
 @triton.jit
 def fp4_gemv_kernel(
     # tensors
@@ -154,6 +220,7 @@ def fp4_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UNROLL: tl.constexpr,  # loop unroll factor (renames the prefetch registers)
+    INTERPRET: tl.constexpr,  # the Triton interpreter: no inline PTX (CUDA cores)
 ):
     """out[m, n] = sum_k x[m, k] * w[n, k]; grid (M, N/BLOCK_N, SPLIT_K)."""
     BKW: tl.constexpr = BLOCK_K // 8
@@ -175,7 +242,14 @@ def fp4_gemv_kernel(
     x_row = x_ptr + row * stride_xm
     offs_x = offs_w[:, None] * 8 + tl.arange(0, 8)[None, :]
 
-    acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    # tensor cores (_fp4_mma_word): bf16 x, 16 words a row (4 lanes along K, gemv._mma_word)
+    MMA: tl.constexpr = (
+        x_ptr.dtype.element_ty == tl.bfloat16 and not INTERPRET and BLOCK_K == MMA_BLOCK_K
+    )
+    if MMA:
+        acc = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
     last = kb_end - 1
     wn = _load_words(w_rows, offs_w, tl.minimum(kb, last), kb <= last, mask_n, K, EVEN_K,
                      EVEN_N, BLOCK_K)  # fmt: skip
@@ -186,11 +260,20 @@ def fp4_gemv_kernel(
         sbytes, _, x = _load_side(s_rows, s_rows, x_row, offs_g, offs_x, step, mask_n, K,
                                   BLOCK, False, EVEN_K, EVEN_N, BLOCK_K, NG)  # fmt: skip
         words = tl.reshape(words, (BLOCK_N, NG, WG))
-        part = _fp4_word_dot(words, _planes(x.to(tl.float32), BKW, NG, WG))
-        # the block's partial sum, then its stored factor (see the module docstring)
-        acc += tl.sum(part, axis=2) * block_factor(sbytes, FMT)
+        factor = block_factor(sbytes, FMT)
+        if MMA:
+            xp0, xp1, xp2, xp3 = _x_pairs(x_row, step, K, NG, WG, BLOCK_K, EVEN_K)
+            f2, _ = _packed_consts(words, factor[:, :, None], factor, False, tl.bfloat16)
+            acc = _fp4_mma_word(words, f2, xp0, xp1, xp2, xp3, acc)
+        else:
+            part = _fp4_word_dot(words, _planes(x.to(tl.float32), BKW, NG, WG))
+            # the block's partial sum, then its stored factor (see the module docstring)
+            acc += tl.sum(part, axis=2) * factor
 
-    out_row = tl.sum(acc, axis=1)
+    if MMA:
+        out_row = tl.sum(tl.sum(acc, axis=2), axis=1) * 0.25  # each quad lane holds the sum
+    else:
+        out_row = tl.sum(acc, axis=1)
     if FMT == 0:  # NVFP4's element scale is E4M3 / global scale: the division, once per sum
         out_row = tl.div_rn(out_row, tl.zeros_like(out_row) + gs)
     if SPLIT_K == 1:
@@ -319,8 +402,17 @@ def fp4_gemv(
     m, k = x.shape
     n = qweight.shape[0]
     block = FP4_FORMATS[fmt]
+    # the tensor-core path: bf16 x on the GPU, where K has a step of GEMV_MMA_BLOCK_K (the
+    # kernel's MMA constexpr decides; this picks the plan and register cap that go with it)
+    mma = x.dtype == torch.bfloat16 and not interpreting() and k >= GEMV_MMA_BLOCK_K
     if plan is None:
-        plan = plan_fp4_gemv(m, n, k, block, num_sms(x.device), split_k)
+        plan = plan_fp4_gemv(m, n, k, block, num_sms(x.device), split_k, mma)
+    # registers capped so that the path's FP4_GEMV_OCCUPANCY CTAs fit on an SM (multiple of 8)
+    threads = 32 * plan.num_warps
+    maxnreg = REGS_PER_SM // (FP4_GEMV_OCCUPANCY[mma] * threads) // 8 * 8
+    if x.element_size() == 2 and (x.storage_offset() % 2 or x.stride(0) % 2):
+        # the tensor-core path reads x as 32-bit pairs (gemv._x_pairs): 4-byte aligned rows
+        x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
     out, stride_os = splitk_output(x, m, n, plan.split_k, torch.float32)
     launch(fp4_gemv_kernel, plan.grid, dict(
         x_ptr=x, qweight_ptr=qweight, scales_ptr=scales, gs_ptr=gs, out_ptr=out,
@@ -330,7 +422,8 @@ def fp4_gemv(
         FMT=FP4_FORMAT_IDS[fmt], BLOCK=block, SPLIT_K=plan.split_k,
         EVEN_K=k % plan.block_k == 0, EVEN_N=n % plan.block_n == 0,
         BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, UNROLL=FP4_GEMV_UNROLL,
-        num_warps=plan.num_warps, num_stages=1, maxnreg=FP4_GEMV_MAX_REGS,
+        INTERPRET=interpreting(),
+        num_warps=plan.num_warps, num_stages=1, maxnreg=maxnreg,
     ))  # fmt: skip
     if plan.split_k == 1:
         return out

@@ -88,17 +88,23 @@ def plan_gemv(
 FP4_GEMV_PLAN_GROUP = 32
 
 
+# CTAs per SM the FP4 GEMV runs at, by path (CUDA cores, tensor cores): its launcher caps the
+# registers to match (fp4.fp4_gemv); the tensor-core path spills under the 4-CTA cap.
+FP4_GEMV_OCCUPANCY = {False: GEMV_OCCUPANCY, True: 3}
+
+
 @functools.lru_cache(maxsize=4096)
 def plan_fp4_gemv(
-    m: int, n: int, k: int, block: int, sms: int, split_k: int | None = None
+    m: int, n: int, k: int, block: int, sms: int, split_k: int | None = None, mma: bool = False
 ) -> GemvPlan:
     """`plan_gemv` for group FP4_GEMV_PLAN_GROUP (the FP4 block where K is not a multiple of
-    it); then, split-K at its limit and the grid still short of GEMV_WAVES waves, BLOCK_N
-    halved (to 32; the FP4 GEMV has no tensor-core layout tied to its tile)."""
+    it); then, split-K at its limit and the grid still short of GEMV_WAVES waves at the path's
+    FP4_GEMV_OCCUPANCY, BLOCK_N halved (to 32) on the CUDA-core path (the tensor-core one
+    keeps the tile gemv._mma_word's layout was checked with)."""
     group = FP4_GEMV_PLAN_GROUP if k % FP4_GEMV_PLAN_GROUP == 0 else block
     p = plan_gemv(m, n, k, group, sms, split_k)
-    target = GEMV_WAVES * GEMV_OCCUPANCY * sms
-    while split_k is None and p.block_n > 32 and m * p.grid[1] * p.grid[2] < target:
+    target = GEMV_WAVES * FP4_GEMV_OCCUPANCY[mma] * sms
+    while not mma and split_k is None and p.block_n > 32 and m * p.grid[1] * p.grid[2] < target:
         p = gemv_tile_plan(m, n, k, p.block_n // 2, p.block_k, p.split_k)
     return p
 
