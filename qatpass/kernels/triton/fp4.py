@@ -79,6 +79,7 @@ from qatpass.kernels.triton.gemv import (
 )
 from qatpass.kernels.triton.plan import (
     FP4_GEMV_OCCUPANCY,
+    FP4_GEMV_PLAN_GROUP,
     GEMV_MAX_M,
     GEMV_MMA_BLOCK_K,
     GemmPlan,
@@ -402,11 +403,14 @@ def fp4_gemv(
     m, k = x.shape
     n = qweight.shape[0]
     block = FP4_FORMATS[fmt]
-    # the tensor-core path: bf16 x on the GPU, where K has a step of GEMV_MMA_BLOCK_K (the
-    # kernel's MMA constexpr decides; this picks the plan and register cap that go with it)
-    mma = x.dtype == torch.bfloat16 and not interpreting() and k >= GEMV_MMA_BLOCK_K
+    # the tensor-core path: bf16 x on the GPU with the GEMV_MMA_BLOCK_K tile, which the plan
+    # gives where K has a step of it and is a multiple of its group (the kernel's MMA constexpr
+    # decides; this picks the plan and register cap that go with it)
+    bf16 = x.dtype == torch.bfloat16 and not interpreting()
     if plan is None:
+        mma = bf16 and k >= GEMV_MMA_BLOCK_K and k % FP4_GEMV_PLAN_GROUP == 0
         plan = plan_fp4_gemv(m, n, k, block, num_sms(x.device), split_k, mma)
+    mma = bf16 and plan.block_k == GEMV_MMA_BLOCK_K
     # registers capped so that the path's FP4_GEMV_OCCUPANCY CTAs fit on an SM (multiple of 8)
     threads = 32 * plan.num_warps
     maxnreg = REGS_PER_SM // (FP4_GEMV_OCCUPANCY[mma] * threads) // 8 * 8
