@@ -1,13 +1,16 @@
-"""Static kernel report: what the W4A16 launchers would run on an H200, read from the SASS.
+"""Static kernel report: what the W4A16 and FP4 launchers would run on an H200 / B200, from SASS.
 
-    python benchmarks/sass_report.py [--out report.json] [--quick]
+    python benchmarks/sass_report.py [--out report.json] [--quick] [--arch 90 100]
+                                     [--schemes int4 nvfp4 mxfp4] [--ms 1 16]
 
-No GPU needed. For each benchmark case (M, N x K, group, dtype, zeros) the launchers of
-`qatpass.kernels.triton` run on meta tensors with their launches captured (`capture_launches`,
-as on a 132-SM device); every captured kernel and config (every config autotuning could pick,
-for an autotuned kernel) is compiled for sm_90 with the runtime's specialisation (pointers and
-integers divisible by 16 marked so, integers equal to 1 made constants), through Triton's
-bundled ptxas, and read back with the bundled `cuobjdump -res-usage` and `nvdisasm`. Reported:
+No GPU needed. For each benchmark case (M, N x K, group, dtype, zeros; or an FP4 format) the
+launchers of `qatpass.kernels.triton` (`w4a16_matmul`, `fp4.fp4_matmul`) run on meta tensors
+with their launches captured (`capture_launches`, as on the target's SM count: H200 132, B200
+148); every captured kernel and config (every config autotuning could pick, for an autotuned
+kernel) is compiled for the case's target (sm_90, sm_100) with the runtime's specialisation
+(pointers and integers divisible by 16 marked so, integers equal to 1 made constants), through
+Triton's bundled ptxas, and read back with the bundled `cuobjdump -res-usage` and `nvdisasm`.
+Reported:
 
 - regs, spills (local memory bytes, STL/LDL instructions), shared memory;
 - the main loop: the innermost backward branch holding the weight loads (the kernels load
@@ -53,20 +56,24 @@ from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
 from qatpass.kernels.triton import w4a16_matmul  # noqa: E402
 from qatpass.kernels.triton.common import capture_launches  # noqa: E402
+from qatpass.kernels.triton.fp4 import fp4_matmul  # noqa: E402
+from qatpass.scheme_fp4 import FP4_FORMATS  # noqa: E402
 
-# H200 (sm_90): SMs, and the per-SM limits that bound resident CTAs.
-SMS = 132
+# The targets: compute capability -> (GPU, SMs). H200 (sm_90) and B200 (sm_100) share the
+# per-SM limits below that bound resident CTAs.
+ARCHS = {90: ("H200", 132), 100: ("B200", 148)}
+SMS = ARCHS[90][1]
 REGS_PER_SM = 65536
 REG_ALLOC_PER_WARP = 256
 SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED_PER_CTA = 1024
 MAX_WARPS_PER_SM = 64
 MAX_CTAS_PER_SM = 32
-TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 MS = (1, 16, 64, 512)
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672))  # (N, K)
+FP4_SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
 GROUPS = (32, 128)
 DTYPES = ("bfloat16", "float16")
 # Budgets the CI test enforces (see check_row).
@@ -74,6 +81,12 @@ DTYPES = ("bfloat16", "float16")
 # 7 extract + 4 packed sub + 4 packed mul + 2 HMMA, plus x pairs, scales and the mma operand
 # zeros: 3.2-3.6 per weight on the benchmark shapes (static, Triton 3.9).
 GEMV_INSTR_PER_WEIGHT = 4.0
+# The FP4 GEMV on bf16 x (tensor cores, fp4._fp4_mma_word): per word of 8 codes 4 x (2 shifts,
+# AND, LOP3: the bf16 pair of value * 2**-126; 2 packed multiplies: by 2**126 and by the block
+# factor) + 2 HMMA, plus x pairs and factors: 4.5-5.0 per weight on sm_90 / sm_100 (static,
+# Triton 3.9; NVFP4 the higher: twice the blocks). Its budget is what it reaches, not issue
+# 14's 4. (The CUDA-core path, fp16 / fp32 x, not in the bf16 rows: 5.0-6.3.)
+FP4_GEMV_INSTR_PER_WEIGHT = 5.25
 MIN_KB_IN_FLIGHT = 32.0
 MIN_WEIGHT_LOAD_BITS = 128
 
@@ -93,14 +106,24 @@ class Case:
     m: int
     n: int
     k: int
-    group_size: int
+    group_size: int  # INT4's group; FP4's block (FP4_FORMATS)
     dtype: str
     zeros: bool
+    scheme: str = "int4"  # "int4", or an FP4 format: "nvfp4", "mxfp4"
+    arch: int = 90  # compute capability compiled for (ARCHS)
 
     def tensors(self) -> dict:
         dt = getattr(torch, self.dtype)
         meta = functools.partial(torch.empty, device="meta")
         ngroups = self.k // self.group_size
+        if self.scheme != "int4":
+            nv = self.scheme == "nvfp4"
+            return {
+                "x": meta((self.m, self.k), dtype=dt),
+                "qweight": meta((self.n, self.k // 8), dtype=torch.int32),
+                "scales": meta((self.n, ngroups), dtype=torch.float8_e4m3fn if nv else torch.uint8),
+                "global_scale": meta((), dtype=torch.float32) if nv else None,
+            }
         return {
             "x": meta((self.m, self.k), dtype=dt),
             "qweight": meta((self.n, self.k // 8), dtype=torch.int32),
@@ -115,9 +138,11 @@ def cases(
     groups: Iterable[int] = GROUPS,
     dtypes: Iterable[str] = DTYPES,
     zeros: Iterable[bool] = (False, True),
+    archs: Iterable[int] = (90,),
 ) -> list[Case]:
     return [
-        Case(m, n, k, g, dt, z)
+        Case(m, n, k, g, dt, z, "int4", arch)
+        for arch in archs
         for m in ms
         for n, k in shapes
         for g in groups
@@ -126,11 +151,32 @@ def cases(
     ]
 
 
+def fp4_cases(
+    ms: Iterable[int] = MS,
+    shapes: Iterable[tuple[int, int]] = FP4_SHAPES,
+    formats: Iterable[str] = tuple(FP4_FORMATS),
+    dtypes: Iterable[str] = ("bfloat16",),
+    archs: Iterable[int] = tuple(ARCHS),
+) -> list[Case]:
+    return [
+        Case(m, n, k, FP4_FORMATS[f], dt, False, f, arch)
+        for arch in archs
+        for f in formats
+        for m in ms
+        for n, k in shapes
+        for dt in dtypes
+    ]
+
+
 def captured_launches(case: Case) -> list:
-    """The launches w4a16_matmul issues for `case` on a 132-SM GPU (nothing runs)."""
+    """The launches w4a16_matmul (INT4) or fp4_matmul (FP4) issues for `case` on the case's
+    GPU (its SM count; nothing runs)."""
     t = case.tensors()
-    with capture_launches(sms=SMS) as launches:
-        w4a16_matmul(t["x"], t["qweight"], t["scales"], t["zeros"], group_size=case.group_size)
+    with capture_launches(sms=ARCHS[case.arch][1]) as launches:
+        if case.scheme == "int4":
+            w4a16_matmul(t["x"], t["qweight"], t["scales"], t["zeros"], group_size=case.group_size)
+        else:
+            fp4_matmul(t["x"], t["qweight"], t["scales"], t["global_scale"], case.scheme)
     return launches
 
 
@@ -174,19 +220,21 @@ def specialise(fn, kwargs: dict) -> tuple[dict, dict, dict]:
 
 
 @functools.cache
-def _compile(fn, key: tuple, num_warps: int, num_stages: int):
+def _compile(fn, key: tuple, num_warps: int, num_stages: int, arch: int, maxnreg: int | None):
     sig, constexprs, attrs = (dict(part) for part in key)
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     opts = {"num_warps": num_warps, "num_stages": num_stages}
-    return triton.compile(src, target=TARGET, options=opts)
+    if maxnreg is not None:
+        opts["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
 
-def compile_sm90(fn, meta: dict, num_warps: int, num_stages: int):
+def compile_for(fn, meta: dict, num_warps: int, num_stages: int, arch: int = 90):
+    """The kernel compiled for sm_<arch> as the runtime would specialise it for `meta`."""
     sig, constexprs, attrs = specialise(fn, meta)
     attrs = {k: tuple(tuple(a) for a in v) for k, v in attrs.items()}
     key = (tuple(sig.items()), tuple(constexprs.items()), tuple(attrs.items()))
-    compiled = _compile(fn, key, num_warps, num_stages)
-    return compiled
+    return _compile(fn, key, num_warps, num_stages, arch, meta.get("maxnreg"))
 
 
 def _tool(name: str, cubin: bytes, *args: str) -> str:
@@ -351,9 +399,10 @@ def occupancy(regs: int, shared: int, warps: int) -> int:
     return max(0, min(by_regs, by_smem, MAX_WARPS_PER_SM // warps, MAX_CTAS_PER_SM))
 
 
-def analyse(fn, meta: dict, num_warps: int, num_stages: int, grid) -> dict:
-    """The row of the report for one compiled kernel config."""
-    compiled = compile_sm90(fn, meta, num_warps, num_stages)
+def analyse(fn, meta: dict, num_warps: int, num_stages: int, grid, arch: int = 90) -> dict:
+    """The row of the report for one kernel config compiled for sm_<arch>."""
+    compiled = compile_for(fn, meta, num_warps, num_stages, arch)
+    sms = ARCHS[arch][1]
     cubin = compiled.asm["cubin"]
     res = resource_usage(cubin)
     instrs, labels = parse_sass(_tool("nvdisasm", cubin, "-c", "-g"))
@@ -372,9 +421,9 @@ def analyse(fn, meta: dict, num_warps: int, num_stages: int, grid) -> dict:
         "spill_instructions": spill_instrs,
         "shared_bytes": shared,
         "ctas": ctas,
-        "sms": SMS,
+        "sms": sms,
         "occupancy_ctas_per_sm": occ,
-        "waves": round(ctas / (SMS * occ), 2) if occ else None,
+        "waves": round(ctas / (sms * occ), 2) if occ else None,
     }
     if lanes := mma_lanes_along_k(compiled.asm["ttgir"]):
         row["mma_lanes_along_k"] = sorted(set(lanes))
@@ -387,7 +436,7 @@ def analyse(fn, meta: dict, num_warps: int, num_stages: int, grid) -> dict:
     widths = sorted({load_bits(i.op) for i in body if is_weight_load(i)})
     copies = sorted({load_bits(i.op) for i in body if is_async_copy(i)})
     depth = prefetch_depth(body, num_stages)
-    resident = min(occ, -(-ctas // SMS))
+    resident = min(occ, -(-ctas // sms))
     row.update(
         {
             "loop_instructions": len(body),
@@ -410,7 +459,8 @@ def check_row(row: dict) -> list[str]:
         bad.append(f"spills ({row['spill_bytes']} B local, {row['spill_instructions']} STL/LDL)")
     if row.get("weight_load_bits") and min(row["weight_load_bits"]) < MIN_WEIGHT_LOAD_BITS:
         bad.append(f"weight loads of {row['weight_load_bits']} bits")
-    if "gemv" in row["kernel"] and row.get("instr_per_weight", 0) > GEMV_INSTR_PER_WEIGHT:
+    budget = FP4_GEMV_INSTR_PER_WEIGHT if row["kernel"].startswith("fp4") else GEMV_INSTR_PER_WEIGHT
+    if "gemv" in row["kernel"] and row.get("instr_per_weight", 0) > budget:
         bad.append(f"{row['instr_per_weight']} instructions per weight in the GEMV main loop")
     if row.get("mma_lanes_along_k", [4]) != [4]:
         bad.append(f"mma operand layout with {row['mma_lanes_along_k']} lanes along K (needs 4)")
@@ -427,7 +477,10 @@ def report(selected: Sequence[Case]) -> list[dict]:
     for case in selected:
         for launch in captured_launches(case):
             for fn, meta, warps, stages, grid in expand_configs(launch):
-                row = {**dataclasses.asdict(case), **analyse(fn, meta, warps, stages, grid)}
+                row = {
+                    **dataclasses.asdict(case),
+                    **analyse(fn, meta, warps, stages, grid, case.arch),
+                }
                 row["violations"] = check_row(row)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
@@ -444,6 +497,16 @@ QUICK = [  # a representative subset (the CI test's): every kernel family and gr
     Case(
         2048, 4096, 4096, 128, "bfloat16", True
     ),  # dequantize + cuBLAS (plan.DEQUANT_MATMUL_MIN_M)
+    Case(1, 4096, 4096, 32, "bfloat16", False, "int4", 100),  # the tensor-core GEMV on sm_100
+    # FP4: the GEMV (with its split-K reduce) and both GEMM forms, on both targets
+    Case(1, 4096, 4096, 16, "bfloat16", False, "nvfp4", 90),
+    Case(1, 14336, 4096, 16, "bfloat16", False, "nvfp4", 100),
+    Case(1, 4096, 4096, 32, "bfloat16", False, "mxfp4", 100),
+    Case(1, 14336, 4096, 32, "bfloat16", False, "mxfp4", 90),
+    Case(16, 4096, 4096, 16, "bfloat16", False, "nvfp4", 100),
+    Case(512, 14336, 4096, 32, "bfloat16", False, "mxfp4", 90),
+    Case(512, 4096, 4096, 16, "bfloat16", False, "nvfp4", 100),
+    Case(64, 4096, 4096, 32, "float16", False, "mxfp4", 90),  # scale after the dot
 ]
 
 
@@ -452,10 +515,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="write the JSON here instead of stdout")
     parser.add_argument("--quick", action="store_true", help="the CI subset only")
     parser.add_argument("--ms", type=int, nargs="+", default=list(MS))
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=list(ARCHS),
+                        help="compute capabilities to compile for (default: all)")  # fmt: skip
+    parser.add_argument("--schemes", nargs="+", default=["int4", *FP4_FORMATS],
+                        choices=["int4", *FP4_FORMATS])  # fmt: skip
     args = parser.parse_args(argv)
-    selected = QUICK if args.quick else cases(ms=args.ms)
+    if args.quick:
+        selected = [c for c in QUICK if c.arch in args.arch and c.scheme in args.schemes]
+    else:
+        selected = cases(ms=args.ms, archs=args.arch) if "int4" in args.schemes else []
+        formats = [f for f in FP4_FORMATS if f in args.schemes]
+        selected += fp4_cases(ms=args.ms, formats=formats, archs=args.arch)
     rows = report(selected)
-    result = {"target": "sm_90 (H200, 132 SMs), static", "triton": triton.__version__,
+    targets = ", ".join(f"sm_{a} ({ARCHS[a][0]}, {ARCHS[a][1]} SMs)" for a in args.arch)
+    budgets = {"gemv_instr_per_weight": GEMV_INSTR_PER_WEIGHT,
+               "fp4_gemv_instr_per_weight": FP4_GEMV_INSTR_PER_WEIGHT,
+               "min_kb_in_flight_per_sm": MIN_KB_IN_FLIGHT}  # fmt: skip
+    result = {"target": f"{targets}, static", "triton": triton.__version__, "budgets": budgets,
               "rows": rows, "violations": sum(bool(r["violations"]) for r in rows)}  # fmt: skip
     text = json.dumps(result, indent=1)
     if args.out:

@@ -16,7 +16,9 @@ summation order. Kernel families, one file each (kernel, launcher):
 - `splitk_reduce`: the deterministic second stage of split-K (fixed order, bias, cast);
 - `grouped`: per-row expert weights (MoE batched_mm form, decode);
 - `grouped_gemm`: MoE prefill, rows sorted by expert, tensor-core tiles per expert (the plan
-  picks it from the number of routed rows: `plan.plan_grouped`).
+  picks it from the number of routed rows: `plan.plan_grouped`);
+- `fp4`: NVFP4 / MXFP4 weights (`fp4.fp4_matmul`, called by `qatpass::fp4_linear` on CUDA):
+  its GEMV and GEMM on the same plans, loads and split-K reduce, one FP4 decode.
 
 Launching (`common.launch`): `kernel[grid](**kwargs)`, through `wrap_triton` while tracing (the
 launchers themselves stay traceable); on CPU tensors the kernels run under TRITON_INTERPRET=1

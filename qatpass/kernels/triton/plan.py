@@ -83,6 +83,56 @@ def plan_gemv(
     return gemv_tile_plan(m, n, k, bn, bk, split_k)
 
 
+# The FP4 GEMV's plan group: 32 (MXFP4's block, two NVFP4 blocks) gives the INT4 g32 tile,
+# BLOCK_K 128 (NVFP4's own 16 would give 512: too few K steps to split at K = 4096).
+FP4_GEMV_PLAN_GROUP = 32
+
+
+# CTAs per SM the FP4 GEMV runs at, by path (CUDA cores, tensor cores): its launcher caps the
+# registers to match (fp4.fp4_gemv); the tensor-core path spills under the 4-CTA cap.
+FP4_GEMV_OCCUPANCY = {False: GEMV_OCCUPANCY, True: 3}
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_fp4_gemv(
+    m: int, n: int, k: int, block: int, sms: int, split_k: int | None = None, mma: bool = False
+) -> GemvPlan:
+    """`plan_gemv` for group FP4_GEMV_PLAN_GROUP (the FP4 block where K is not a multiple of
+    it); then, split-K at its limit and the grid still short of GEMV_WAVES waves at the path's
+    FP4_GEMV_OCCUPANCY, BLOCK_N halved (to 32) on the CUDA-core path (the tensor-core one
+    keeps the tile gemv._mma_word's layout was checked with)."""
+    group = FP4_GEMV_PLAN_GROUP if k % FP4_GEMV_PLAN_GROUP == 0 else block
+    p = plan_gemv(m, n, k, group, sms, split_k)
+    target = GEMV_WAVES * FP4_GEMV_OCCUPANCY[mma] * sms
+    while not mma and split_k is None and p.block_n > 32 and m * p.grid[1] * p.grid[2] < target:
+        p = gemv_tile_plan(m, n, k, p.block_n // 2, p.block_k, p.split_k)
+    return p
+
+
+# The FP4 GEMM's unfused form (MXFP4 with fp16 x) keeps a second [BLOCK_M, BLOCK_N] fp32 tile
+# (the block's dot, before its scale) beside the accumulator: from BLOCK_M 64 its BLOCK_N is
+# capped so the two fit without spills.
+FP4_GEMM_MAX_BLOCK_N = 64
+FP4_GEMM_WIDE_MIN_BLOCK_M = 64
+
+
+def plan_fp4_gemm(
+    m: int,
+    n: int,
+    k: int,
+    block_k: int,
+    sms: int,
+    split_k: int | None = None,
+    narrow: bool = False,
+) -> GemmPlan:
+    """`plan_gemm` with BLOCK_K at most `block_k` (a multiple of the FP4 block dividing K);
+    `narrow`: BLOCK_N capped at FP4_GEMM_MAX_BLOCK_N for BLOCK_M >= FP4_GEMM_WIDE_MIN_BLOCK_M."""
+    p = plan_gemm(m, n, k, block_k, sms, split_k)
+    if narrow and p.block_m >= FP4_GEMM_WIDE_MIN_BLOCK_M and p.block_n > FP4_GEMM_MAX_BLOCK_N:
+        p = plan_gemm(m, n, k, block_k, sms, split_k, FP4_GEMM_MAX_BLOCK_N)
+    return p
+
+
 def gemv_tile_plan(m: int, n: int, k: int, block_n: int, block_k: int, split_k: int) -> GemvPlan:
     """The GEMV launch of a given tile and split (splits without a K step are dropped)."""
     k_steps = cdiv(k, block_k)
@@ -118,15 +168,22 @@ GEMM_MAX_SPLIT_K = 16
 
 @functools.lru_cache(maxsize=4096)
 def plan_gemm(
-    m: int, n: int, k: int, group_size: int, sms: int, split_k: int | None = None
+    m: int,
+    n: int,
+    k: int,
+    group_size: int,
+    sms: int,
+    split_k: int | None = None,
+    max_block_n: int | None = None,
 ) -> GemmPlan:
     """The tile row of GEMM_TILES for this M, BLOCK_K narrowed to lie within a group (one
-    scale per column per step) and to K; split K until the output tiles cover the SMs."""
+    scale per column per step) and to K, BLOCK_N to `max_block_n` when given; split K until
+    the output tiles cover the SMs."""
     row = next(r for r in GEMM_TILES if r[0] is None or m <= r[0])
     _, bm, bn, bk, warps, stages = row
     while bk > 16 and (group_size % bk or bk > max(16, next_power_of_2(k))):
         bk //= 2
-    bn = max(16, min(bn, next_power_of_2(n)))
+    bn = max(16, min(bn, next_power_of_2(n), max_block_n or bn))
     tiles = cdiv(m, bm) * cdiv(n, bn)
     k_blocks = cdiv(k, bk)
     if split_k is None:

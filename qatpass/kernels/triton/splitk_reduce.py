@@ -52,11 +52,13 @@ def splitk_reduce_kernel(
     tl.store(out_ptr + offs, cast_rne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-def splitk_output(x: torch.Tensor, m: int, n: int, split_k: int) -> tuple[torch.Tensor, int]:
-    """The first stage's output and its split stride: [M, N] in x.dtype when there is one split,
-    else fp32 partials [SPLIT_K, M, N] for `splitk_reduce`."""
+def splitk_output(
+    x: torch.Tensor, m: int, n: int, split_k: int, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, int]:
+    """The first stage's output and its split stride: [M, N] in `dtype` (default x.dtype) when
+    there is one split, else fp32 partials [SPLIT_K, M, N] for `splitk_reduce`."""
     if split_k == 1:
-        return torch.empty((m, n), device=x.device, dtype=x.dtype), 0
+        return torch.empty((m, n), device=x.device, dtype=dtype or x.dtype), 0
     return torch.empty((split_k, m, n), device=x.device, dtype=torch.float32), m * n
 
 
