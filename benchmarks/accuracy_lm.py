@@ -227,8 +227,10 @@ def gptq_arm(
     calib_bytes = json.dumps(setup.train[:calib].tolist()).encode()
     digest = hashlib.sha256(calib_bytes).hexdigest()
     run_file = ckpt / "gptq_run.json"
+    theirs_file = Path(str(ckpt) + ".dequant.safetensors")  # llmcompressor's own q * scale
     reused = (
         run_file.is_file()
+        and theirs_file.is_file()
         and json.loads(run_file.read_text()).get("calibration_sha256") == digest
         and json.loads(run_file.read_text()).get("group_size") == spec.group_size
     )
@@ -253,7 +255,7 @@ def gptq_arm(
     _, scheme, packed, _ = read_checkpoint(ckpt)
     from safetensors.torch import load_file
 
-    theirs = load_file(str(ckpt) + ".dequant.safetensors")
+    theirs = load_file(str(theirs_file))
     mismatched = [
         n
         for n, p in packed.items()
