@@ -71,11 +71,13 @@ def quantize_int4_native(
     x: torch.Tensor, scheme, shape: tuple[int, ...] | torch.Size | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """(qweight, scales, zeros) of x [..., K] (reduction dim last) for an `Int4Scheme`, or None
-    where the kernel does not apply (not CPU, not contiguous, kernel unavailable, a group beyond
-    the scale dtype's range: the torch path decides). K must be quantizable (caller checked);
-    `shape` (default x's) is the weight's shape the non-finite error names."""
+    where the kernel does not apply (not a plain contiguous CPU tensor, while tracing, kernel
+    unavailable, a group beyond the scale dtype's range: the torch path decides). K must be
+    quantizable (caller checked); `shape` (default x's) is the shape the non-finite error names."""
     if (
-        x.device.type != "cpu"
+        type(x) not in (torch.Tensor, torch.nn.Parameter)  # fake, functional, meta: no data
+        or torch.compiler.is_compiling()
+        or x.device.type != "cpu"
         or x.dtype not in _W_KIND
         or x.dim() < 2
         or not x.is_contiguous()
