@@ -18,9 +18,16 @@
 // fp32), zeros int8 (asymmetric only). Groups are split across OpenMP threads; each group's
 // result depends on its values only, so the thread count changes nothing.
 //
+// Paths: AVX-512 F + BW + VL (checked at run time) for group sizes divisible by 16, 16 values a
+// vector, two passes over each group (min / max and the finiteness check, then the codes: the
+// group is in L1 or L2 by then, so the weight is read from memory once); plain C otherwise
+// (group size 8, K % 16 != 0 per channel, older CPUs), compiled for AVX2 and for baseline x86-64.
+// amax|w| is max(-min, max), exact.
+//
 // Returns 0, or flags: 1 a non-finite value, 2 a raw scale above smax (the caller raises the
 // scheme's error; outputs are then undefined). Built and loaded by qatpass/kernels/cpu/
-// quant_native.py, which checks every argument: the code here trusts sizes and pointers.
+// quant_native.py, which allocates the outputs for the sizes it passes: the code here trusts
+// sizes and pointers.
 
 #include <immintrin.h>
 #include <math.h>
