@@ -245,3 +245,23 @@ def test_refresh_same_buffers(make):
     assert got.keys() == want.keys()
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases())
+def test_plain_c_loops_equal_the_simd_ones(case):
+    rows, k, dtype, scheme, exponent, offset, zero_rows, seed = case
+    gen = torch.Generator().manual_seed(seed)
+    w = ((torch.randn(rows, k, generator=gen) + offset) * 10.0**exponent).to(dtype)
+    if zero_rows:
+        w[::2] = 0.0
+    if not torch.isfinite(w).all():
+        return
+    simd = quant_native.quantize_int4_native(w, scheme)
+    plain = quant_native.quantize_int4_native(w, scheme, _simd=False)
+    assert (simd is None) == (plain is None)
+    if simd is not None:
+        for a, b in zip(simd, plain, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))

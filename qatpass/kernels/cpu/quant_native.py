@@ -41,7 +41,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if lib is None:
         return None, why
     lib.qp_quant_int4.argtypes = [_PTR, _INT, _I64, _I64, _INT, _INT, _INT, _F32, _INT, _F32,
-                                  _F32, _F32, _PTR, _PTR, _PTR, _INT]  # fmt: skip
+                                  _F32, _F32, _PTR, _PTR, _PTR, _INT, _INT]  # fmt: skip
     lib.qp_quant_int4.restype = _INT
     return lib, None
 
@@ -68,12 +68,17 @@ def quant_kernel_reason() -> str | None:
 
 
 def quantize_int4_native(
-    x: torch.Tensor, scheme, shape: tuple[int, ...] | torch.Size | None = None
+    x: torch.Tensor,
+    scheme,
+    shape: tuple[int, ...] | torch.Size | None = None,
+    *,
+    _simd: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """(qweight, scales, zeros) of x [..., K] (reduction dim last) for an `Int4Scheme`, or None
     where the kernel does not apply (not a plain contiguous CPU tensor, while tracing, kernel
     unavailable, a group beyond the scale dtype's range: the torch path decides). K must be
-    quantizable (caller checked); `shape` (default x's) is the shape the non-finite error names."""
+    quantizable (caller checked); `shape` (default x's) is the shape the non-finite error names.
+    `_simd=False` runs the plain C loops where the AVX-512 ones would (tests)."""
     if (
         type(x) not in (torch.Tensor, torch.nn.Parameter)  # fake, functional, meta: no data
         or torch.compiler.is_compiling()
@@ -100,7 +105,7 @@ def quantize_int4_native(
         x.data_ptr(), _W_KIND[x.dtype], ngroups, g, int(scheme.symmetric), scheme.qmin,
         scheme.qmax, scheme.divisor, _S_KIND[scheme.scale_dtype], sinfo.tiny, sinfo.max,
         torch.finfo(x.dtype).max, qweight.data_ptr(), scales.data_ptr(),
-        None if zeros is None else zeros.data_ptr(), torch.get_num_threads(),
+        None if zeros is None else zeros.data_ptr(), torch.get_num_threads(), int(_simd),
     )  # fmt: skip
     if bad & _BAD_NONFINITE:
         count = int((~torch.isfinite(x)).sum())

@@ -22,7 +22,7 @@
 // vector, two passes over each group (min / max and the finiteness check, then the codes: the
 // group is in L1 or L2 by then, so the weight is read from memory once); plain C otherwise
 // (group size 8, K % 16 != 0 per channel, older CPUs), compiled for AVX2 and for baseline x86-64.
-// amax|w| is max(-min, max), exact.
+// amax|w| is max(-min, max), exact. allow_wide = 0 forces the plain C path (for its tests).
 //
 // Returns 0, or flags: 1 a non-finite value, 2 a raw scale above smax (the caller raises the
 // scheme's error; outputs are then undefined). Built and loaded by qatpass/kernels/cpu/
@@ -223,13 +223,13 @@ AVX512 static int range_avx512(const struct qargs *a, int64_t g0, int64_t g1) {
 
 int qp_quant_int4(const void *w, int w_kind, int64_t ngroups, int64_t g, int symmetric, int qmin,
                   int qmax, float divisor, int s_kind, float stiny, float smax, float wmax,
-                  uint32_t *qweight, void *scales, int8_t *zeros, int nthreads) {
+                  uint32_t *qweight, void *scales, int8_t *zeros, int nthreads, int allow_wide) {
   const struct qargs a = {w, g, w_kind, symmetric, s_kind,
                           s_kind == S_BF16 ? 16 : s_kind == S_F16 ? 13 : 0,
                           (float)qmin, (float)qmax, divisor, stiny, smax, wmax,
                           qweight, scales, zeros};
   __builtin_cpu_init();
-  const int wide = g % 16 == 0 && __builtin_cpu_supports("avx512f") &&
+  const int wide = allow_wide && g % 16 == 0 && __builtin_cpu_supports("avx512f") &&
                    __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
   // chunks of about 64 KiB of weights, a few per thread
   int64_t chunk = (16384 + g - 1) / g;
