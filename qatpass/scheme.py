@@ -508,7 +508,24 @@ def _dtype_clamp_is_noop(scales: torch.Tensor, scheme: Int4Scheme, dtype: torch.
     return bool((span >= scheme.qmax - scheme.qmin).all())
 
 
+def _int4_quantize_native(w: torch.Tensor, scheme: Int4Scheme, dim: int) -> PackedWeight | None:
+    """`_int4_quantize` by the C kernel (`kernels.cpu.quant_native`: these formulas, bit for bit,
+    in one pass), or None where it does not apply: the torch formulas below run."""
+    if w.device.type != "cpu" or scheme.check_quantizable(w.shape, dim) is not None:
+        return None
+    from qatpass.kernels.cpu.quant_native import quantize_int4_native
+
+    out = quantize_int4_native(w.movedim(dim, -1).contiguous(), scheme, w.shape)
+    if out is None:
+        return None
+    qweight, scales, zeros = out
+    return PackedWeight(qweight, scales, zeros, w.shape, dim, w.dtype, scheme)
+
+
 def _int4_quantize(w: torch.Tensor, scheme: Int4Scheme, dim: int) -> PackedWeight:
+    native = _int4_quantize_native(w, scheme, dim)
+    if native is not None:
+        return native
     groups = _grouped(w, dim, scheme)
     raw, lo = _raw_scales(groups, scheme)
     _check_scalable(raw, groups, w.shape, scheme)
