@@ -493,13 +493,17 @@ def quantize(w: torch.Tensor, scheme: QuantScheme | None = None, dim: int = -1) 
     scheme = scheme or Int4Scheme()
     if w.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"can only quantize float32/bfloat16/float16 weights, got {w.dtype}")
-    w = w.detach()
+    # each scheme refuses NaN/Inf (`check_finite`; the native INT4 kernel in its one pass)
+    return scheme.quantize(w.detach(), check_dim(w, dim))
+
+
+def check_finite(w: torch.Tensor) -> None:
+    """Refuse a weight holding NaN or Inf (ValueError naming how many)."""
     # one pass without allocation: NaN and Inf propagate through a sum; only a non-finite sum
     # (a bad value, or a finite overflow) pays for the elementwise check
     if not bool(torch.isfinite(w.sum(dtype=torch.float32))) and not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"weight of shape {tuple(w.shape)} has {bad} non-finite values (NaN/Inf)")
-    return scheme.quantize(w, check_dim(w, dim))
 
 
 def _dtype_clamp_is_noop(scales: torch.Tensor, scheme: Int4Scheme, dtype: torch.dtype) -> bool:
@@ -526,6 +530,7 @@ def _int4_quantize(w: torch.Tensor, scheme: Int4Scheme, dim: int) -> PackedWeigh
     native = _int4_quantize_native(w, scheme, dim)
     if native is not None:
         return native
+    check_finite(w)
     groups = _grouped(w, dim, scheme)
     raw, lo = _raw_scales(groups, scheme)
     _check_scalable(raw, groups, w.shape, scheme)

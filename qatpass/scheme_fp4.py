@@ -30,6 +30,7 @@ from qatpass.scheme import (
     PackedWeight,
     QuantScheme,
     check_dim,
+    check_finite,
     check_scheme_dict,
     pack_nibbles,
     unpack_nibbles,
@@ -216,6 +217,7 @@ class Fp4Scheme(QuantScheme):
 
     def quantize(self, w: torch.Tensor, dim: int) -> PackedWeight:
         dim = check_dim(w, dim)
+        check_finite(w)
         blocks = self._blocks(w, dim)
         stored, scale, gs = self._scales(blocks)
         codes = e2m1_codes(self._codes_input(blocks, scale))

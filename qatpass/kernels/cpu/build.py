@@ -153,7 +153,7 @@ def compile_library(compiler: str, source: Path, flags, out: Path) -> None:
     finally:
         tmp.unlink(missing_ok=True)
         tmp_record.unlink(missing_ok=True)
-    log.info("qatpass: built the CPU W4A16 kernel into %s", out)
+    log.info("qatpass: built %s into %s", source.name, out)
 
 
 def clean_stale_temps(directory: Path) -> list[Path]:
