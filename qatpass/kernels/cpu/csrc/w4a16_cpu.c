@@ -797,6 +797,7 @@ static inline __attribute__((always_inline)) void gemm_micro(const uint32_t* xs,
 #pragma GCC unroll 6
     for (int r = 0; r < mr; ++r) acc[r][0] = _mm512_setzero_ps(), acc[r][1] = _mm512_setzero_ps();
     for (int64_t p = p0; p < p1; ++p) {
+      _mm_prefetch((const char*)(xs + (p + 32) * GMR), _MM_HINT_T0);  // x from L2, 768 B ahead
       const __m512bh w0 = (__m512bh)_mm512_load_si512(a->w + p * GN);
       const __m512bh w1 = (__m512bh)_mm512_load_si512(b->w + p * GN);
       const uint32_t* xq = xs + p * GMR;
