@@ -3,7 +3,7 @@
     y = gemm_linear(lib, x2d, qweight, scales, zeros, bias, group_size)   # x2d bf16 [M, K]
 
 From GEMM_MIN_M rows of bf16 x (prefill, batched decode) the work is the multiply-adds, not the
-weight stream. The C kernel decodes each tile of the weight once per call (16 rows x 256 k: the
+weight stream. The C kernel decodes each tile of the weight once per call (16 rows x 128 k: the
 exact small integers code - zero in bf16, and the rows' scales) into a buffer that stays in L1,
 and a register-blocked vdpbf16ps microkernel (6 rows of x x 32 weight rows) runs every row of x
 over it, applying each group's scale to its fp32 partial sum with one fma. So the result is

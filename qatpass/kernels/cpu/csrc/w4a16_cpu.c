@@ -602,17 +602,19 @@ static inline float load_scale(const void* scales, int64_t i, int kind) {
 // Decode per 32 weights: one vpmultishiftqb puts each weight's nibble in the low bits of its
 // word (of the 16 rows' 64-byte lines transposed, lane i = row i), one vpermw looks up its bf16
 // value (asymmetric: the nibble less 8 + zero, as a 5-bit index into a signed table first).
-// x is packed to [strips][K / 2][GMR] pairs. The microkernel runs up to GMR rows of x times two
-// strips (32 weight rows): one vdpbf16ps per (row, strip, k pair) into a per-segment fp32
-// accumulator (the products are exact in fp32), and per segment (a group, or the part of it in
-// this chunk) one fma adds accumulator x scale to the total. So y is x @ W.T with W the fp32
-// (code - zero) * scale, as the native kernel computes it, up to fp32 summation order. The
+// x is packed to [K / GKC chunks][strips][GKC / 2][GMR] pairs. The microkernel runs up to GMR
+// rows of x times two strips (32 weight rows): one vdpbf16ps per (row, strip, k pair) into a
+// per-segment fp32 accumulator (the products are exact in fp32), and per segment (a group, or
+// the part of it in this chunk) one fma adds accumulator x scale to the total. Per chunk each
+// strip pair runs over all of x (one contiguous stream): the pair stays in L1, the chunk of x in
+// L2. So y is x @ W.T with W the fp32 (code - zero) * scale, as the native kernel computes it,
+// up to fp32 summation order. The
 // decode is amortised over all M rows. Blocks of GNB weight rows are split across threads; each
 // output's sum runs in a fixed order: the result does not depend on the thread count.
 
 #define GN 16     // weight rows per strip (one zmm of outputs)
 #define GNB 64    // weight rows per block of work (four strips, one OpenMP iteration)
-#define GKC 256   // k per decoded chunk (a strip pair of it, 16 KiB, stays in L1)
+#define GKC 128   // k per decoded chunk (a strip pair of it, 8 KiB, stays in L1 as x streams)
 #define GMR 6     // rows of x per microkernel (2 x 6 segment + 2 x 6 total accumulators)
 #define GGROUPS (GKC / 32)  // groups in a chunk at most
 
@@ -622,20 +624,25 @@ static inline int64_t strip_row(int64_t m, int64_t s) {
   return s * base + (s < extra ? s : extra);
 }
 
-// x bf16 [M, K] (row stride ldx) -> [strips][K / 2][GMR] 32-bit pairs: strip s holds rows
-// strip_row(m, s) .. strip_row(m, s + 1) - 1, zero past them.
+// x bf16 [M, K] (row stride ldx) -> per GKC chunk of K, [strips][kc / 2][GMR] 32-bit pairs
+// (chunk k0 at offset k0 / 2 * strips * GMR: the microkernel calls of one chunk read one
+// contiguous stream): strip s holds rows strip_row(m, s) .. strip_row(m, s + 1) - 1, zero past
+// them.
 static void pack_x_pairs(const uint16_t* x, int64_t ldx, int64_t m, int64_t k, uint32_t* xp) {
-  const int64_t kp = k / 2, strips = (m + GMR - 1) / GMR;
-  for (int64_t s = 0; s < strips; ++s) {
-    uint32_t* o = xp + s * kp * GMR;
-    const int64_t r0 = strip_row(m, s), rows = strip_row(m, s + 1) - r0;
-    for (int r = 0; r < GMR; ++r) {
-      if (r >= rows) {
-        for (int64_t p = 0; p < kp; ++p) o[p * GMR + r] = 0;
-        continue;
+  const int64_t strips = (m + GMR - 1) / GMR;
+  for (int64_t k0 = 0; k0 < k; k0 += GKC) {
+    const int64_t kcp = (k - k0 < GKC ? k - k0 : GKC) / 2;
+    for (int64_t s = 0; s < strips; ++s) {
+      uint32_t* o = xp + (k0 / 2 * strips + s * kcp) * GMR;
+      const int64_t r0 = strip_row(m, s), rows = strip_row(m, s + 1) - r0;
+      for (int r = 0; r < GMR; ++r) {
+        if (r >= rows) {
+          for (int64_t p = 0; p < kcp; ++p) o[p * GMR + r] = 0;
+          continue;
+        }
+        const uint16_t* xr = x + (r0 + r) * ldx + k0;  // rows may start at any even address
+        for (int64_t p = 0; p < kcp; ++p) memcpy(o + p * GMR + r, xr + 2 * p, 4);
       }
-      const uint16_t* xr = x + (r0 + r) * ldx;  // rows may start at any even address
-      for (int64_t p = 0; p < kp; ++p) memcpy(o + p * GMR + r, xr + 2 * p, 4);
     }
   }
 }
@@ -790,6 +797,7 @@ static inline __attribute__((always_inline)) void gemm_micro(const uint32_t* xs,
 #pragma GCC unroll 6
     for (int r = 0; r < mr; ++r) acc[r][0] = _mm512_setzero_ps(), acc[r][1] = _mm512_setzero_ps();
     for (int64_t p = p0; p < p1; ++p) {
+      _mm_prefetch((const char*)(xs + (p + 32) * GMR), _MM_HINT_T0);  // x from L2, 768 B ahead
       const __m512bh w0 = (__m512bh)_mm512_load_si512(a->w + p * GN);
       const __m512bh w1 = (__m512bh)_mm512_load_si512(b->w + p * GN);
       const uint32_t* xq = xs + p * GMR;
@@ -811,11 +819,28 @@ static inline __attribute__((always_inline)) void gemm_micro(const uint32_t* xs,
     _mm512_storeu_ps(c + r * ldc, tot[r][0]), _mm512_storeu_ps(c + r * ldc + GN, tot[r][1]);
 }
 
+// store_out for 16 lanes (those in mask) at y[i..]: bf16 rounded as to_bf16 does (to nearest
+// even, NaN kept quiet, subnormals kept: not vcvtneps2bf16, which flushes them).
+static inline __attribute__((always_inline)) void store_out16(void* y, int out_kind, int64_t i,
+                                                              __m512 v, __mmask16 mask) {
+  if (out_kind == 2) {
+    _mm512_mask_storeu_ps((float*)y + i, mask, v);
+    return;
+  }
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
+  __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  h = _mm512_mask_or_epi32(h, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  _mm256_mask_storeu_epi16((uint16_t*)y + i, mask, _mm512_cvtepi32_epi16(h));
+}
+
 static VBMI void gemm_block(const uint32_t* xp, const uint8_t* qweight, const void* scales,
                             const int8_t* zeros, int kind, const Dec* d, const float* bias,
                             void* y, int out_kind, int64_t m, int64_t n, int64_t blk,
                             Strip* panel, float* cb, float* st, uint32_t* zt) {
-  const int64_t k = d->k, kp = k / 2, strips = (m + GMR - 1) / GMR, n0 = blk * GNB;
+  const int64_t k = d->k, strips = (m + GMR - 1) / GMR, n0 = blk * GNB;
   const int64_t groups = d->groups;
   // k pairs per segment: a group, or a whole chunk when groups are larger (per channel)
   const int64_t seg = d->shift >= 62 || ((int64_t)1 << d->shift) >= GKC ? GKC / 2
@@ -830,14 +855,14 @@ static VBMI void gemm_block(const uint32_t* xp, const uint8_t* qweight, const vo
       if (zeros) decode_strip(qweight, d, n, n0 + s * GN, k0, kc, zs, &panel[s], 1);
       else decode_strip(qweight, d, n, n0 + s * GN, k0, kc, zs, &panel[s], 0);
     }
-    for (int64_t ms = 0; ms < strips; ++ms) {
-      const int mr = (int)(strip_row(m, ms + 1) - strip_row(m, ms));
-      const uint32_t* xs = xp + (ms * kp + k0 / 2) * GMR;
-      for (int pair = 0; pair < GNB / (2 * GN); ++pair) {
-        if (n0 + 2 * GN * pair >= n) break;
-        const Strip* a = &panel[2 * pair];
-        const float* sa = st + (2 * pair * groups + g0) * GN;
-        const float* sb = sa + groups * GN;
+    for (int pair = 0; pair < GNB / (2 * GN); ++pair) {  // a strip pair (16 KiB) stays in L1
+      if (n0 + 2 * GN * pair >= n) break;
+      const Strip* a = &panel[2 * pair];
+      const float* sa = st + (2 * pair * groups + g0) * GN;
+      const float* sb = sa + groups * GN;
+      for (int64_t ms = 0; ms < strips; ++ms) {  // while the chunk's x streams past
+        const int mr = (int)(strip_row(m, ms + 1) - strip_row(m, ms));
+        const uint32_t* xs = xp + (k0 / 2 * strips + ms * (kc / 2)) * GMR;
         float* c = cb + strip_row(m, ms) * GNB + 2 * GN * pair;
         switch (mr) {
 #define MICRO(T) \
@@ -849,9 +874,13 @@ static VBMI void gemm_block(const uint32_t* xp, const uint8_t* qweight, const vo
     }
   }
   const int64_t cols = n - n0 < GNB ? n - n0 : GNB;
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t j = 0; j < cols; ++j)
-      store_out(y, out_kind, r * n + n0 + j, cb[r * GNB + j] + (bias ? bias[n0 + j] : 0.0f));
+  for (int64_t j = 0; j < cols; j += GN) {
+    const __mmask16 mask = (__mmask16)(cols - j >= GN ? 0xFFFF : (1u << (cols - j)) - 1);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + j) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < m; ++r)
+      store_out16(y, out_kind, r * n + n0 + j, _mm512_add_ps(_mm512_load_ps(cb + r * GNB + j), bv),
+                  mask);
+  }
 }
 
 // x: bf16 [M, K] with row stride ldx; y: [M, N] bf16 (out_kind 0) or fp32 (2). Returns -1 when
