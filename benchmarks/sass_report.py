@@ -516,6 +516,7 @@ QUICK = [  # a representative subset (the CI test's): every kernel family and gr
     Case(1, 14336, 4096, 128, "bfloat16", False),
     Case(16, 4096, 14336, 32, "bfloat16", True),  # the GEMV, two n8 blocks of x rows
     Case(4, 14336, 4096, 128, "bfloat16", False),  # the GEMV, one n8 block (rows 4..7 idle)
+    Case(16, 14336, 4096, 128, "bfloat16", False),  # the GEMV, 16 rows a program
     Case(8, 4096, 4096, 32, "float16", False),
     Case(17, 4096, 4096, 32, "bfloat16", False),  # the GEMM from GEMV_MAX_M + 1
     Case(64, 4096, 4096, 128, "float16", False),

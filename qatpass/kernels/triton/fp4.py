@@ -78,9 +78,9 @@ from qatpass.kernels.triton.gemv import (
     _x_pairs,
 )
 from qatpass.kernels.triton.plan import (
+    FP4_GEMV_MAX_M,
     FP4_GEMV_OCCUPANCY,
     FP4_GEMV_PLAN_GROUP,
-    FP4_GEMV_MAX_M,
     GEMV_MMA_BLOCK_K,
     GemmPlan,
     GemvPlan,

@@ -1,4 +1,5 @@
-"""W4A16 GEMV for decode: one row of x per program row, split along K.
+"""W4A16 GEMV for decode: one row of x per program row (or 8 / 16 on the tensor cores), split
+along K.
 
 Each program owns BLOCK_N weight rows and a run of STEPS K steps of BLOCK_K. Per step it loads
 the weight tile as int32 words [BLOCK_N, BLOCK_K/8] (four words, 128 bits, per thread,
@@ -13,6 +14,14 @@ Three inner paths, chosen by constexprs:
   the exact codes, 4 packed multiplies by the scale the weights, each rounded once) and two
   mma.sync m16n8k16 with fp32 accumulation whose B operand is x's matching pairs: no unpack to
   fp32 and no per-weight FMA (3.2-3.6 instructions per weight in the main loop, static).
+  Several rows of x (M = 2..16, batched decode: `_mma_rows`, BLOCK_M = 8 or 16 rows a
+  program): the swapped-operand small-M form. The weight stays the A operand, the B
+  operand's 8 columns carry 8 rows of x (16: two n8 blocks, two more mma per word), so each
+  word is dequantised once for every row; x rows are read by 128-bit loads in inline PTX
+  (`_x_pairs_rows`), rows beyond M read row M - 1 and their columns are never stored; each
+  row's outputs are picked out of the lanes' accumulators (`_rows_out`) and stored, or
+  written as split-K partials [SPLIT_K, M, N]. 3.1 instructions per weight at M <= 8, 3.6
+  at M = 16 (static; zero points at M > 8: two programs of 8 rows, w4a16_gemv).
 - CUDA cores, 16-bit x (fp32 scales; and the interpreter): `_dequant_rounded` gives the same
   rounded weights in fp32, one FMA each.
 - CUDA cores, fp32 x: exact codes by the fp32 magic (`_word_dot`), the scale once per group.
@@ -33,9 +42,15 @@ accumulator's internal alignment (products and partial sums added with truncatio
 round-to-nearest), an error of the same size as a different fp32 summation order. For fp32
 activations the kernel skips the reference's rounding of w to x.dtype, which is the identity
 there. Zero points must lie in the scheme's code range [-8, 7] (136 + zero is a 16-bit integer).
+Several rows of x change none of this: every row's output is its own sum of the same exact
+products (the same rounded weights times that row's x, exact in fp32) with fp32
+accumulation; the mma's columns are independent (a B column, an x row, only reaches its own
+D column), so the rows of a program, and the row M - 1 copies beyond M, do not mix.
 
 Split-K writes fp32 partials that `splitk_reduce` sums in a fixed order (deterministic); the
-launch plan (`plan.plan_gemv`) sizes the tile, the split and the grid from the real shapes.
+launch plan (`plan.plan_gemv`) sizes the tile, the split and the grid from the real shapes
+(the grid's row blocks cdiv(M, BLOCK_M) from the real M). The CUDA-core paths (and the
+interpreter) run one program per row of x.
 """
 
 from __future__ import annotations

@@ -247,9 +247,7 @@ def plan_linear(
     """What w4a16_matmul launches for x [M, K] and a weight [N, K] of this group size; `mma`:
     whether the GEMV can take its tensor-core path (16-bit x and scales, on the GPU: see
     gemv.gemv_mma), which M = 2..GEMV_MAX_M needs (with the GEMV_MMA_BLOCK_K tile)."""
-    if m == 1 or (
-        m <= GEMV_MAX_M and mma and gemv_block_k(k, group_size) == GEMV_MMA_BLOCK_K
-    ):
+    if m == 1 or (m <= GEMV_MAX_M and mma and gemv_block_k(k, group_size) == GEMV_MMA_BLOCK_K):
         return plan_gemv(m, n, k, group_size, sms)
     if m >= DEQUANT_MATMUL_MIN_M:
         return plan_dequant(group_size)
