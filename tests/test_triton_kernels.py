@@ -490,16 +490,18 @@ def test_grouped_refuses_bias_of_wrong_shape():
 @pytest.mark.parametrize(
     ("m", "n", "k", "group_size", "kernel", "block_m", "split_k"),
     [
-        (1, 4096, 4096, 32, "gemv", None, 32),
-        (1, 14336, 4096, 128, "gemv", None, 16),
-        (16, 4096, 4096, 32, "gemm", 16, 8),
+        (1, 4096, 4096, 32, "gemv", 1, 32),
+        (1, 14336, 4096, 128, "gemv", 1, 16),
+        (8, 4096, 4096, 32, "gemv", 8, 32),  # x rows in the mma's B columns
+        (16, 4096, 4096, 32, "gemv", 16, 32),
+        (17, 4096, 4096, 32, "gemm", 32, 4),
         (64, 4096, 4096, 128, "gemm", 64, 8),
         (512, 14336, 4096, 32, "gemm", 128, 1),
     ],
 )
 def test_plan_follows_the_real_shapes(m, n, k, group_size, kernel, block_m, split_k):
-    """The launch plan for an H200 (132 SMs): GEMV at M = 1, the GEMM tile grows with M, and
-    split-K fills the SMs from the real tile."""
+    """The launch plan for an H200 (132 SMs): GEMV up to M = 16 (GEMV_MAX_M), the GEMM tile
+    grows with M, and split-K fills the SMs from the real tile."""
     chosen = plan.plan_linear(m, n, k, group_size, 132)
     assert chosen.kernel == kernel and chosen.split_k == split_k
     assert getattr(chosen, "block_m", None) == block_m
@@ -598,11 +600,14 @@ COMPILE_SCRIPT = textwrap.dedent(
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
     common = {"GROUP_SIZE": 32, "HAS_ZEROS": True, "HAS_BIAS": True, "INTERPRET": False}
-    gemv_meta = {"EVEN_N": False, "UNROLL": 2, "BLOCK_N": 32, "BLOCK_K": 512}
+    gemv_meta = {"EVEN_N": False, "UNROLL": 2, "BLOCK_N": 32, "BLOCK_K": 512, "BLOCK_M": 1}
     compile_for_sm90(gemv.w4a16_gemv_kernel,
                      {**common, "SPLIT_K": 1, "EVEN_K": True, **gemv_meta})
     mma_meta = {**gemv_meta, "BLOCK_N": 128, "BLOCK_K": 128}  # the tensor-core GEMV
     compile_for_sm90(gemv.w4a16_gemv_kernel, {**common, "SPLIT_K": 4, "EVEN_K": False, **mma_meta})
+    for rows in (8, 16):  # x rows in the mma's B columns (batched decode)
+        compile_for_sm90(gemv.w4a16_gemv_kernel,
+                         {**common, "SPLIT_K": 2, "EVEN_K": False, **mma_meta, "BLOCK_M": rows})
     for x_dtype, s_dtype in (("*fp16", "*bf16"), ("*fp32", "*bf16"), ("*bf16", "*fp32")):
         POINTERS.update(x_ptr=x_dtype, scales_ptr=s_dtype)  # the other GEMV paths at that tile
         compile_for_sm90(gemv.w4a16_gemv_kernel, {**common, "SPLIT_K": 1, "EVEN_K": True, **mma_meta})
@@ -678,7 +683,7 @@ def test_graph_traced_at_m16_plans_from_the_real_m(how):
         graph(x16, qweight, scales)
     for m, kernel, block_m in ((plan.DEQUANT_MATMUL_MIN_M, "w4a16_dequant_kernel", None),
                                (512, "w4a16_gemm_kernel", 128), (16, "w4a16_gemm_kernel", 16),
-                               (1, "w4a16_gemv_kernel", None)):  # fmt: skip
+                               (1, "w4a16_gemv_kernel", 1)):  # fmt: skip
         x = torch.randn(m, 512, dtype=torch.bfloat16, device=DEVICE)
         (name, meta), *_ = _launched(graph, x, qweight, scales)
         assert name == kernel and meta.get("BLOCK_M") == block_m, (m, name, meta.get("BLOCK_M"))
