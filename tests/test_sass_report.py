@@ -92,3 +92,23 @@ def test_gemv_runs_on_the_tensor_cores_with_the_layout_it_needs(report):
 
 def test_no_violation_anywhere(report):
     assert [r["violations"] for r in report["rows"] if r["violations"]] == []
+
+
+def test_small_m_runs_the_gemv_with_x_rows_in_the_mma_columns(report):
+    """M = 2..16 (batched decode) launches the GEMV with 8 or 16 rows of x a program (16 with
+    zero points: two programs of 8), within the per-weight budget; M = 17 the GEMM. Per
+    weight per row of x the figure falls with M (each word dequantised once for all rows)."""
+    gemv = {(r["m"], r["zeros"]): r for r in report["rows"]
+            if r["kernel"] == "w4a16_gemv_kernel" and r["arch"] == 90}  # fmt: skip
+    assert gemv[(4, False)]["x_rows_per_program"] == 8
+    assert gemv[(8, False)]["x_rows_per_program"] == 8
+    assert gemv[(16, False)]["x_rows_per_program"] == 16
+    assert gemv[(16, True)]["x_rows_per_program"] == 8
+    for (m, _), r in gemv.items():
+        assert r["instr_per_weight"] <= report["budgets"]["gemv_instr_per_weight"], r
+        rows = min(m, r["x_rows_per_program"])
+        assert r["instr_per_weight_per_row"] == round(r["instr_per_weight"] / rows, 3)
+        assert r["config"]["M"] == m and r["mma_lanes_along_k"] == [4]
+    assert gemv[(16, False)]["instr_per_weight_per_row"] < gemv[(1, False)]["instr_per_weight"] / 8
+    at_17 = {r["kernel"] for r in report["rows"] if r["m"] == 17}
+    assert "w4a16_gemm_kernel" in at_17 and "w4a16_gemv_kernel" not in at_17

@@ -243,6 +243,62 @@ def test_k_in_whole_blocks_takes_the_unmasked_path(m):
     torch.testing.assert_close(y.float(), _reference(x, p), **ACCUM[torch.bfloat16])
 
 
+@pytest.mark.parametrize("m", [2, 5, 8, 9, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    ("n", "k", "group_size", "symmetric", "split_k"),
+    [(40, 160, 32, True, 1), (33, 384, 128, False, 3)],
+)
+def test_gemv_several_rows_of_x(m, dtype, n, k, group_size, symmetric, split_k):
+    """Batched decode (M = 2..GEMV_MAX_M) through the GEMV: odd N and K, zeros or not, bias,
+    split-K; every row of x against x @ dequantize(p).T (the interpreter runs a program per
+    row: gemv_mma is off, the plan is re-made one row a program)."""
+    p, (qweight, scales, zeros) = _packed((n, k), group_size, symmetric=symmetric)
+    x = torch.randn(m, k, dtype=dtype, device=DEVICE)
+    x[m // 2] = 0  # a zero row among the others
+    bias = None if symmetric else torch.randn(n, dtype=dtype, device=DEVICE)
+    y = gemv.w4a16_gemv(x, qweight, scales, zeros, group_size=group_size, bias=bias,
+                        split_k=split_k)  # fmt: skip
+    _check_gemv(y, x, p, bias)
+
+
+def test_gemv_several_rows_plan_falls_back_to_one_row_a_program():
+    """A plan of 8 rows a program (plan_linear's on the tensor cores) where the tensor-core
+    path is out (fp32 x; the interpreter) launches one program per row instead."""
+    from qatpass.kernels.triton.common import capture_launches
+
+    p, (qweight, scales, _) = _packed((N, 256), 32)
+    x = torch.randn(5, 256, dtype=torch.float32, device=DEVICE)
+    chosen = plan.plan_gemv(5, N, 256, 32, 132)
+    assert chosen.block_m == 8 and chosen.grid[0] == 1
+    with capture_launches(sms=132) as launches:
+        gemv.w4a16_gemv(x, qweight, scales, None, group_size=32, plan=chosen)
+    assert launches[0].kwargs["BLOCK_M"] == 1 and launches[0].grid[0] == 5
+    y = gemv.w4a16_gemv(x, qweight, scales, None, group_size=32, plan=chosen)
+    _check_gemv(y, x, p)
+
+
+@pytest.mark.parametrize(("n", "k"), [(4096, 4096), (14336, 4096), (4096, 14336)])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_plan_linear_takes_the_gemv_up_to_gemv_max_m(n, k, group_size):
+    """On the tensor cores every M <= GEMV_MAX_M runs the GEMV, x rows in the mma's B columns
+    (8 rows a program up to M = 8, 16 above), the grid sized from the real M (>= 2 waves at
+    GEMV_OCCUPANCY or one K step per split); the GEMM from GEMV_MAX_M + 1. Without the tensor
+    cores (fp32 x or scales, the interpreter) or their tile the GEMV keeps M = 1."""
+    assert GEMV_MAX_M == 16
+    for m in range(1, GEMV_MAX_M + 1):
+        chosen = plan.plan_linear(m, n, k, group_size, 132)
+        assert chosen.kernel == "gemv" and chosen.block_k == plan.GEMV_MMA_BLOCK_K, m
+        assert chosen.block_m == (1 if m == 1 else 8 if m <= 8 else 16)
+        assert chosen.grid[0] == plan.cdiv(m, chosen.block_m)
+        ctas = chosen.grid[0] * chosen.grid[1] * chosen.grid[2]
+        assert ctas >= plan.GEMV_WAVES * plan.GEMV_OCCUPANCY * 132 or chosen.steps == 1
+    assert plan.plan_linear(GEMV_MAX_M + 1, n, k, group_size, 132).kernel == "gemm"
+    assert plan.plan_linear(2, n, k, group_size, 132, mma=False).kernel == "gemm"
+    assert plan.plan_linear(1, n, k, group_size, 132, mma=False).kernel == "gemv"
+    assert plan.plan_linear(4, n, k, 16, 132).kernel == "gemm"  # BLOCK_K 512: no mma tile
+
+
 def test_gemv_gemm_boundary():
     p, (qweight, scales, _) = _packed((N, 64), 32)
     for m in (GEMV_MAX_M, GEMV_MAX_M + 1):
@@ -434,16 +490,18 @@ def test_grouped_refuses_bias_of_wrong_shape():
 @pytest.mark.parametrize(
     ("m", "n", "k", "group_size", "kernel", "block_m", "split_k"),
     [
-        (1, 4096, 4096, 32, "gemv", None, 32),
-        (1, 14336, 4096, 128, "gemv", None, 16),
-        (16, 4096, 4096, 32, "gemm", 16, 8),
+        (1, 4096, 4096, 32, "gemv", 1, 32),
+        (1, 14336, 4096, 128, "gemv", 1, 16),
+        (8, 4096, 4096, 32, "gemv", 8, 32),  # x rows in the mma's B columns
+        (16, 4096, 4096, 32, "gemv", 16, 32),
+        (17, 4096, 4096, 32, "gemm", 32, 4),
         (64, 4096, 4096, 128, "gemm", 64, 8),
         (512, 14336, 4096, 32, "gemm", 128, 1),
     ],
 )
 def test_plan_follows_the_real_shapes(m, n, k, group_size, kernel, block_m, split_k):
-    """The launch plan for an H200 (132 SMs): GEMV at M = 1, the GEMM tile grows with M, and
-    split-K fills the SMs from the real tile."""
+    """The launch plan for an H200 (132 SMs): GEMV up to M = 16 (GEMV_MAX_M), the GEMM tile
+    grows with M, and split-K fills the SMs from the real tile."""
     chosen = plan.plan_linear(m, n, k, group_size, 132)
     assert chosen.kernel == kernel and chosen.split_k == split_k
     assert getattr(chosen, "block_m", None) == block_m
@@ -542,11 +600,14 @@ COMPILE_SCRIPT = textwrap.dedent(
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
     common = {"GROUP_SIZE": 32, "HAS_ZEROS": True, "HAS_BIAS": True, "INTERPRET": False}
-    gemv_meta = {"EVEN_N": False, "UNROLL": 2, "BLOCK_N": 32, "BLOCK_K": 512}
+    gemv_meta = {"EVEN_N": False, "UNROLL": 2, "BLOCK_N": 32, "BLOCK_K": 512, "BLOCK_M": 1}
     compile_for_sm90(gemv.w4a16_gemv_kernel,
                      {**common, "SPLIT_K": 1, "EVEN_K": True, **gemv_meta})
     mma_meta = {**gemv_meta, "BLOCK_N": 128, "BLOCK_K": 128}  # the tensor-core GEMV
     compile_for_sm90(gemv.w4a16_gemv_kernel, {**common, "SPLIT_K": 4, "EVEN_K": False, **mma_meta})
+    for rows in (8, 16):  # x rows in the mma's B columns (batched decode)
+        compile_for_sm90(gemv.w4a16_gemv_kernel,
+                         {**common, "SPLIT_K": 2, "EVEN_K": False, **mma_meta, "BLOCK_M": rows})
     for x_dtype, s_dtype in (("*fp16", "*bf16"), ("*fp32", "*bf16"), ("*bf16", "*fp32")):
         POINTERS.update(x_ptr=x_dtype, scales_ptr=s_dtype)  # the other GEMV paths at that tile
         compile_for_sm90(gemv.w4a16_gemv_kernel, {**common, "SPLIT_K": 1, "EVEN_K": True, **mma_meta})
@@ -622,7 +683,7 @@ def test_graph_traced_at_m16_plans_from_the_real_m(how):
         graph(x16, qweight, scales)
     for m, kernel, block_m in ((plan.DEQUANT_MATMUL_MIN_M, "w4a16_dequant_kernel", None),
                                (512, "w4a16_gemm_kernel", 128), (16, "w4a16_gemm_kernel", 16),
-                               (1, "w4a16_gemv_kernel", None)):  # fmt: skip
+                               (1, "w4a16_gemv_kernel", 1)):  # fmt: skip
         x = torch.randn(m, 512, dtype=torch.bfloat16, device=DEVICE)
         (name, meta), *_ = _launched(graph, x, qweight, scales)
         assert name == kernel and meta.get("BLOCK_M") == block_m, (m, name, meta.get("BLOCK_M"))

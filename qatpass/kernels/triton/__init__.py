@@ -8,9 +8,10 @@ Inputs are the canonical packed format of `qatpass.scheme` (qweight int32 [N, K/
 registers right after the load, with the scheme's exact rounding: (code - zero) * scale rounded
 once to x.dtype, so results equal `x @ qatpass.dequantize(p, dtype=x.dtype).T` up to fp32
 summation order. Kernel families, one file each (kernel, launcher):
-- `gemv`: M = 1 (decode), int32 word tiles dequantized by packed 16-bit PTX into mma.sync
-  (tensor cores; CUDA cores for fp32 x or scales), split-K sized from the real tile;
-- `gemm`: M >= 2, tiled tensor-core `tl.dot`, split-K when the output tiles are few (small M);
+- `gemv`: decode, M = 1 and, on the tensor cores, M <= plan.GEMV_MAX_M (16: batched decode,
+  x rows in the mma's B columns): int32 word tiles dequantized by packed 16-bit PTX into
+  mma.sync (CUDA cores for fp32 x or scales, M = 1), split-K sized from the real tile;
+- `gemm`: the other M >= 2, tiled tensor-core `tl.dot`, split-K when the output tiles are few;
 - `dequant_matmul`: large M (plan.DEQUANT_MATMUL_MIN_M), the weight dequantized once, cuBLAS;
 - `plan`: the launch plans (kernel, tile, split-K, grid) from the run-time shapes;
 - `splitk_reduce`: the deterministic second stage of split-K (fixed order, bias, cast);
@@ -44,7 +45,7 @@ import torch
 from qatpass.kernels.triton.common import check_device, check_packed, num_sms
 from qatpass.kernels.triton.dequant_matmul import w4a16_dequant_matmul
 from qatpass.kernels.triton.gemm import w4a16_gemm
-from qatpass.kernels.triton.gemv import w4a16_gemv
+from qatpass.kernels.triton.gemv import gemv_mma, w4a16_gemv
 from qatpass.kernels.triton.grouped import w4a16_grouped
 from qatpass.kernels.triton.grouped_gemm import w4a16_grouped_gemm
 from qatpass.kernels.triton.plan import GEMV_MAX_M, plan_grouped, plan_linear
@@ -100,7 +101,7 @@ def _matmul(x, qweight, scales, zeros, bias, n: int, k: int, g: int) -> torch.Te
     m = x2.shape[0]
     if m == 0 or n == 0:
         return torch.empty((*lead, n), device=x.device, dtype=x.dtype)
-    plan = plan_linear(m, n, k, g, num_sms(x.device))
+    plan = plan_linear(m, n, k, g, num_sms(x.device), gemv_mma(x2, scales))
     out = _LAUNCHERS[plan.kernel](
         x2,
         qweight.contiguous(),

@@ -8,7 +8,7 @@ B = 32), and for NVFP4 the fp32 global scale, read by the kernels from device me
 sync: CUDA-graph safe). Kernels, launched as the INT4 ones (`common.launch`, plans from
 `plan.py` on the real M, split-K partials summed by `splitk_reduce` in a fixed order):
 
-- `fp4_gemv_kernel` (M <= plan.GEMV_MAX_M, decode): the INT4 GEMV's tile, split-K and prefetch
+- `fp4_gemv_kernel` (M <= plan.FP4_GEMV_MAX_M, decode): the INT4 GEMV's tile, split-K and prefetch
   (`plan.plan_fp4_gemv`: `plan_gemv`'s rules; `gemv._load_words` / `_load_side`: 128-bit
   evict-first word loads, the next step's words loaded before this step's math); tensor cores
   for bf16 x on GPU (`_fp4_mma_word`: gemv._mma_word's mma.sync layout and x pairs), CUDA
@@ -78,9 +78,9 @@ from qatpass.kernels.triton.gemv import (
     _x_pairs,
 )
 from qatpass.kernels.triton.plan import (
+    FP4_GEMV_MAX_M,
     FP4_GEMV_OCCUPANCY,
     FP4_GEMV_PLAN_GROUP,
-    GEMV_MAX_M,
     GEMV_MMA_BLOCK_K,
     GemmPlan,
     GemvPlan,
@@ -483,11 +483,11 @@ def fp4_matmul(
     fmt: str,
 ) -> torch.Tensor:
     """fp32 x2d [M, K] @ W.T for an FP4 weight (validated by the caller: `ops._fp4_packed`):
-    the GEMV up to plan.GEMV_MAX_M rows, the GEMM above."""
+    the GEMV up to plan.FP4_GEMV_MAX_M rows, the GEMM above."""
     m, _ = x2d.shape
     n = qweight.shape[0]
     if m == 0 or n == 0:
         return torch.zeros((m, n), device=x2d.device, dtype=torch.float32)
-    if m <= GEMV_MAX_M:
+    if m <= FP4_GEMV_MAX_M:
         return fp4_gemv(x2d, qweight, scales, global_scale, fmt=fmt)
     return fp4_gemm(x2d, qweight, scales, global_scale, fmt=fmt)

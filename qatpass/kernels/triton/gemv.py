@@ -1,4 +1,5 @@
-"""W4A16 GEMV for decode: one row of x per program row, split along K.
+"""W4A16 GEMV for decode: one row of x per program row (or 8 / 16 on the tensor cores), split
+along K.
 
 Each program owns BLOCK_N weight rows and a run of STEPS K steps of BLOCK_K. Per step it loads
 the weight tile as int32 words [BLOCK_N, BLOCK_K/8] (four words, 128 bits, per thread,
@@ -13,6 +14,14 @@ Three inner paths, chosen by constexprs:
   the exact codes, 4 packed multiplies by the scale the weights, each rounded once) and two
   mma.sync m16n8k16 with fp32 accumulation whose B operand is x's matching pairs: no unpack to
   fp32 and no per-weight FMA (3.2-3.6 instructions per weight in the main loop, static).
+  Several rows of x (M = 2..16, batched decode: `_mma_rows`, BLOCK_M = 8 or 16 rows a
+  program): the swapped-operand small-M form. The weight stays the A operand, the B
+  operand's 8 columns carry 8 rows of x (16: two n8 blocks, two more mma per word), so each
+  word is dequantised once for every row; x rows are read by 128-bit loads in inline PTX
+  (`_x_pairs_rows`), rows beyond M read row M - 1 and their columns are never stored; each
+  row's outputs are picked out of the lanes' accumulators (`_rows_out`) and stored, or
+  written as split-K partials [SPLIT_K, M, N]. 3.1 instructions per weight at M <= 8, 3.6
+  at M = 16 (static; zero points at M > 8: two programs of 8 rows, w4a16_gemv).
 - CUDA cores, 16-bit x (fp32 scales; and the interpreter): `_dequant_rounded` gives the same
   rounded weights in fp32, one FMA each.
 - CUDA cores, fp32 x: exact codes by the fp32 magic (`_word_dot`), the scale once per group.
@@ -33,9 +42,15 @@ accumulator's internal alignment (products and partial sums added with truncatio
 round-to-nearest), an error of the same size as a different fp32 summation order. For fp32
 activations the kernel skips the reference's rounding of w to x.dtype, which is the identity
 there. Zero points must lie in the scheme's code range [-8, 7] (136 + zero is a 16-bit integer).
+Several rows of x change none of this: every row's output is its own sum of the same exact
+products (the same rounded weights times that row's x, exact in fp32) with fp32
+accumulation; the mma's columns are independent (a B column, an x row, only reaches its own
+D column), so the rows of a program, and the row M - 1 copies beyond M, do not mix.
 
 Split-K writes fp32 partials that `splitk_reduce` sums in a fixed order (deterministic); the
-launch plan (`plan.plan_gemv`) sizes the tile, the split and the grid from the real shapes.
+launch plan (`plan.plan_gemv`) sizes the tile, the split and the grid from the real shapes
+(the grid's row blocks cdiv(M, BLOCK_M) from the real M). The CUDA-core paths (and the
+interpreter) run one program per row of x.
 """
 
 from __future__ import annotations
@@ -268,6 +283,102 @@ def _mma_word(words, s2, c2, xp0, xp1, xp2, xp3, acc, DTYPE: tl.constexpr):
     )  # fmt: skip
 
 
+@triton.constexpr_function
+def _mma_rows_asm(dtype, blocks: int) -> str:
+    """PTX of _mma_rows for `blocks` n8 blocks of x rows: the packed dequant once, then per
+    block two mma.sync m16n8k16 (the t0 | t1 and t2 | t3 halves of the word) onto that block's
+    accumulator pair. Operands: outputs $0..$(2B-1) (block b: c0, c1), then the word, the scale
+    and offset pairs, 4 x pairs per block, 2 accumulators per block."""
+    ty = "bf16" if dtype == tl.bfloat16 else "f16"
+    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32"
+    word, xp, acc = 2 * blocks, 2 * blocks + 3, 6 * blocks + 3
+    body = "".join(
+        f"{mma} {{p0, p1, q2, q3}}, {{t0, z, t1, z}}, {{${xp + 4 * b}, ${xp + 4 * b + 1}}}, "
+        f"{{${acc + 2 * b}, ${acc + 2 * b + 1}, zf, zf}};"
+        f"{mma} {{${2 * b}, ${2 * b + 1}, q2, q3}}, {{t2, z, t3, z}}, "
+        f"{{${xp + 4 * b + 2}, ${xp + 4 * b + 3}}}, {{p0, p1, q2, q3}};"
+        for b in range(blocks)
+    )
+    return (
+        "{ .reg .b32 t0, t1, t2, t3, u, z; .reg .f32 p0, p1, q2, q3, zf;"
+        "mov.b32 z, 0; mov.f32 zf, 0f00000000;"
+        + _dequant_asm(dtype, word, word + 1, word + 2)
+        + body
+        + "}"
+    )
+
+
+@triton.jit
+def _mma_rows(words, s2, c2, xps, accs, DTYPE: tl.constexpr, BLOCKS: tl.constexpr):
+    """accs + the words' products with up to 8 * BLOCKS rows of x, on the tensor cores: the
+    swapped-operand small-M form of _mma_word (the weight the A operand, 16 rows of which 8
+    carry data; x rows the B operand's 8 columns per block). The word is dequantised once for
+    every row of x.
+
+    B column n of an mma is supplied by lanes 4n + t'; in the weight tile's layout (checked by
+    the report: 4 lanes along K, one weight row per lane group, row r on lane group r % 8)
+    lane 4n + t' holds weight row r with r % 8 = n, so xps (loaded by _x_pairs_rows with the
+    x row (r % 8) + 8 b for block b) put x row 8 b + n in column n, at the K columns of
+    the lane's word, the same for all lanes of that t'. D[g, n] = row g's dot with x row
+    8 b + n over the quad's words, and lane 4g + t gets D[g, 2t], D[g, 2t + 1] (c0, c1): x
+    rows 8 b + 2t and 8 b + 2t + 1 for its weight row, t = the word's position along K // 4
+    (_rows_out picks them out). xps: 4 pairs per block; accs: (c0, c1) per block."""
+    if BLOCKS == 1:
+        outs = tl.inline_asm_elementwise(
+            _mma_rows_asm(DTYPE, 1), "=f,=f,r,r,r,r,r,r,r,f,f",
+            [words, s2, c2, xps[0], xps[1], xps[2], xps[3], accs[0], accs[1]],
+            dtype=(tl.float32,) * 2, is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        outs = tl.inline_asm_elementwise(
+            _mma_rows_asm(DTYPE, 2), "=f,=f,=f,=f,r,r,r,r,r,r,r,r,r,r,r,f,f,f,f",
+            [words, s2, c2, xps[0], xps[1], xps[2], xps[3], xps[4], xps[5], xps[6], xps[7],
+             accs[0], accs[1], accs[2], accs[3]],
+            dtype=(tl.float32,) * 4, is_pure=True, pack=1,
+        )  # fmt: skip
+    return outs
+
+
+@triton.jit
+def _x_pairs_rows(x_ptr, rows, M, stride_xm, step, K, NG: tl.constexpr, WG: tl.constexpr,
+                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+    """_x_pairs for x row `rows` [BN, 1, 1] of each weight row, each pair [BN, NG, WG]: one
+    128-bit load of the word's 8 x values (rows 16-byte aligned: the launcher sees to it) and
+    4 PRMT, in inline PTX so the pairs take the weight tile's layout (a tl.load of them would
+    be laid out for coalescing, and the mma, which follows its operands, with it). Rows
+    >= M read row M - 1 instead (their B columns' results are never stored: an mma's
+    columns are independent); words past K read as 0 (the weight there is not)."""
+    r = tl.minimum(rows, M - 1).to(tl.int64)
+    w = (tl.arange(0, NG)[:, None] * WG + tl.arange(0, WG)[None, :])[None, :, :]
+    ptrs = x_ptr + r * stride_xm + step * BLOCK_K + 8 * w
+    addr = ptrs.to(tl.int64, bitcast=True)
+    pairs: tl.constexpr = (
+        "prmt.b32 $0, a0, a2, 0x5410; prmt.b32 $1, a0, a2, 0x7632;"
+        "prmt.b32 $2, a1, a3, 0x5410; prmt.b32 $3, a1, a3, 0x7632; }"
+    )
+    if EVEN_K:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 a0, a1, a2, a3; ld.global.nc.v4.b32 {a0, a1, a2, a3}, [$4];" + pairs,
+            "=r,=r,=r,=r,l", [addr], dtype=(tl.int32,) * 4, is_pure=True, pack=1,
+        )  # fmt: skip
+    live = (w < K // 8 - step * (BLOCK_K // 8)).to(tl.int32) + tl.zeros_like(r).to(tl.int32)
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 a0, a1, a2, a3; .reg .pred p; setp.ne.b32 p, $5, 0;"
+        "mov.b32 a0, 0; mov.b32 a1, 0; mov.b32 a2, 0; mov.b32 a3, 0;"
+        "@p ld.global.nc.v4.b32 {a0, a1, a2, a3}, [$4];" + pairs,
+        "=r,=r,=r,=r,l,r", [addr, live], dtype=(tl.int32,) * 4, is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _rows_out(c0, c1, BLOCK_N: tl.constexpr):
+    """[BN, 8] outputs (column 2t + j: x row 2t + j of the block) from one block's c0, c1
+    [BN, NG, WG] (16 words a row): each lane's words summed (its position t = word // 4)."""
+    s0 = tl.sum(tl.reshape(c0, (BLOCK_N, 4, 4)), axis=2)
+    s1 = tl.sum(tl.reshape(c1, (BLOCK_N, 4, 4)), axis=2)
+    return tl.reshape(tl.join(s0, s1), (BLOCK_N, 8))
+
+
 @triton.jit
 def w4a16_gemv_kernel(
     # tensors
@@ -278,6 +389,7 @@ def w4a16_gemv_kernel(
     bias_ptr,  # [N] or None (added in the reduce kernel when SPLIT_K > 1)
     out_ptr,  # x.dtype [M, N] when SPLIT_K == 1, else fp32 partials [SPLIT_K, M, N]
     # sizes
+    M,
     N,
     K,
     K_STEPS,  # cdiv(K, BLOCK_K)
@@ -300,8 +412,9 @@ def w4a16_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UNROLL: tl.constexpr,  # loop unroll factor (renames the prefetch registers)
+    BLOCK_M: tl.constexpr = 1,  # rows of x per program: 1, or 8 / 16 on the tensor cores
 ):
-    """out[m, n] = sum_k x[m, k] * w[n, k]; grid (M, N/BLOCK_N, SPLIT_K)."""
+    """out[m, n] = sum_k x[m, k] * w[n, k]; grid (M/BLOCK_M, N/BLOCK_N, SPLIT_K)."""
     BKW: tl.constexpr = BLOCK_K // 8
     NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1  # groups per tile
     WG: tl.constexpr = BKW // NG  # words per group within the tile
@@ -334,6 +447,15 @@ def w4a16_gemv_kernel(
     )
     # tensor cores (_mma_word): 16-bit x and scales, 16 words a row (4 lanes along K)
     MMA: tl.constexpr = ROUNDED and PACKED and not INTERPRET and BLOCK_K == 128
+    # BLOCK_M > 1: x rows row0 .. row0 + BLOCK_M - 1 in the mma's B columns (_mma_rows)
+    tl.static_assert(BLOCK_M == 1 or MMA, "BLOCK_M > 1 needs the tensor-core path")
+    BLOCKS: tl.constexpr = BLOCK_M // 8
+    row0 = tl.program_id(0) * BLOCK_M
+    rows_a = row0 + (tl.arange(0, BLOCK_N) % 8)[:, None, None]  # x row of lane group r % 8
+    d0 = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)
+    d1 = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)
+    d2 = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)
+    d3 = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)
     CH: tl.constexpr = 4 if WG % 4 == 0 and not MMA else 1  # words summed before the scale
     acc = tl.zeros((BLOCK_N, NG, WG // CH), dtype=tl.float32)
     # weights of step kb; in the loop, step + 1's are loaded before step's math (prefetch).
@@ -349,11 +471,26 @@ def w4a16_gemv_kernel(
                                       GROUP_SIZE, HAS_ZEROS, EVEN_K, EVEN_N, BLOCK_K, NG)  # fmt: skip
         words = tl.reshape(words, (BLOCK_N, NG, WG))
         if MMA:
-            xp0, xp1, xp2, xp3 = _x_pairs(x_row, step, K, NG, WG, BLOCK_K, EVEN_K)
             zz = zeros[:, :, None] if HAS_ZEROS else zeros
             s2, c2 = _packed_consts(words, scales[:, :, None], zz, HAS_ZEROS,
                                     x_ptr.dtype.element_ty)  # fmt: skip
-            acc = _mma_word(words, s2, c2, xp0, xp1, xp2, xp3, acc, x_ptr.dtype.element_ty)
+            if BLOCK_M == 1:
+                xp0, xp1, xp2, xp3 = _x_pairs(x_row, step, K, NG, WG, BLOCK_K, EVEN_K)
+                acc = _mma_word(words, s2, c2, xp0, xp1, xp2, xp3, acc,
+                                x_ptr.dtype.element_ty)  # fmt: skip
+            elif BLOCKS == 1:
+                xa = _x_pairs_rows(x_ptr, rows_a, M, stride_xm, step, K, NG, WG, BLOCK_K,
+                                   EVEN_K)  # fmt: skip
+                d0, d1 = _mma_rows(words, s2, c2, xa, (d0, d1), x_ptr.dtype.element_ty, 1)
+            else:
+                xa = _x_pairs_rows(x_ptr, rows_a, M, stride_xm, step, K, NG, WG, BLOCK_K,
+                                   EVEN_K)  # fmt: skip
+                xb = _x_pairs_rows(x_ptr, rows_a + 8, M, stride_xm, step, K, NG, WG,
+                                   BLOCK_K, EVEN_K)  # fmt: skip
+                d0, d1, d2, d3 = _mma_rows(
+                    words, s2, c2, (xa[0], xa[1], xa[2], xa[3], xb[0], xb[1], xb[2], xb[3]),
+                    (d0, d1, d2, d3), x_ptr.dtype.element_ty, 2,
+                )  # fmt: skip
         elif ROUNDED:
             xs = _planes(x.to(tl.float32), BKW, NG, WG)
             x0, x1, x2, x3, x4, x5, x6, x7 = xs
@@ -388,6 +525,10 @@ def w4a16_gemv_kernel(
             part = tl.sum(tl.reshape(part, (BLOCK_N, NG, WG // CH, CH)), axis=3)
             acc += part * scales.to(tl.float32)[:, :, None]
 
+    if BLOCK_M > 1:
+        _store_rows(d0, d1, d2, d3, out_ptr, bias_ptr, offs_n, mask_n, row0, M, pid_k,
+                    stride_om, stride_os, HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M, INTERPRET)  # fmt: skip
+        return
     out_row = tl.sum(tl.sum(acc, axis=2), axis=1)
     if MMA:
         out_row = out_row * 0.25  # the 4 lanes of a quad each hold the quad's sum (exact)
@@ -399,6 +540,27 @@ def w4a16_gemv_kernel(
     else:
         out = out_ptr + pid_k * stride_os + row * stride_om + offs_n
         tl.store(out, out_row, mask=mask_n)
+
+
+@triton.jit
+def _store_rows(d0, d1, d2, d3, out_ptr, bias_ptr, offs_n, mask_n, row0, M, pid_k, stride_om,
+                stride_os, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """Store the BLOCK_M rows' outputs (rows >= M dropped) from _mma_rows's accumulators:
+    the tile out[row0 + c, offs_n], or its split-K partials."""
+    o = _rows_out(d0, d1, BLOCK_N)
+    if BLOCK_M == 16:  # columns 8 b + c: block b's column c
+        o = tl.reshape(tl.permute(tl.join(o, _rows_out(d2, d3, BLOCK_N)), (0, 2, 1)),
+                       (BLOCK_N, 16))  # fmt: skip
+    cols = row0 + tl.arange(0, BLOCK_M)
+    mask = mask_n[:, None] & (cols < M)[None, :]
+    ptrs = offs_n[:, None] + cols.to(tl.int64)[None, :] * stride_om
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            o += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + ptrs, cast_rne(o, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    else:
+        tl.store(out_ptr + pid_k * stride_os + ptrs, o, mask=mask)
 
 
 @triton.jit
@@ -446,6 +608,14 @@ def _load_side(s_rows, z_rows, x_row, offs_g, offs_x, step, mask_n, K,
     return scales, zeros, x
 
 
+def gemv_mma(x: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether the GEMV runs on the tensor cores for these operands (the kernel's MMA constexpr,
+    less the tile): 16-bit x, scales exact in x's dtype, not under the interpreter."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or interpreting():
+        return False
+    return scales.dtype == x.dtype or (x.dtype == torch.float16 and scales.dtype == torch.bfloat16)
+
+
 def w4a16_gemv(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -459,14 +629,25 @@ def w4a16_gemv(
 ) -> torch.Tensor:
     """x [M, K] (unit stride along K) @ W.T for checked, contiguous packed inputs; group_size
     is the resolved G. `plan` defaults to `plan_gemv` for these shapes on x's device (with
-    `split_k` forced when given: tests cover both paths)."""
+    `split_k` forced when given: tests cover both paths). A plan of several rows per program
+    (block_m > 1) where the tensor cores are out (`gemv_mma`) is re-planned a row per program;
+    one of 16 rows with zero points, 8 rows a program (16 rows and the zero points' offset
+    pairs pass 255 registers and spill, static report; the two programs of an N tile are
+    neighbours in the grid, so the second reads the weights mostly from L2)."""
     m, k = x.shape
     n = qweight.shape[0]
     if plan is None:
         plan = plan_gemv(m, n, k, group_size, num_sms(x.device), split_k)
+    rows = plan.block_m if gemv_mma(x, scales) else 1
+    if rows > 8 and zeros is not None:
+        rows = 8
+    if rows != plan.block_m:
+        plan = plan_gemv(m, n, k, group_size, num_sms(x.device), split_k, rows)
     split_k = plan.split_k
-    if x.element_size() == 2 and (x.storage_offset() % 2 or x.stride(0) % 2):
-        # the tensor-core path reads x as 32-bit pairs (_x_pairs): 4-byte aligned rows
+    # the tensor-core path reads x as 32-bit pairs (_x_pairs: 4-byte aligned rows) or, several
+    # rows a program, 128 bits a word (_x_pairs_rows: 16-byte aligned rows)
+    align = 8 if plan.block_m > 1 else 2
+    if x.element_size() == 2 and (x.storage_offset() % align or x.stride(0) % align):
         x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
     out, stride_os = splitk_output(x, m, n, split_k)
     launch(
@@ -479,6 +660,7 @@ def w4a16_gemv(
             zeros_ptr=zeros,
             bias_ptr=bias,
             out_ptr=out,
+            M=m,
             N=n,
             K=k,
             K_STEPS=plan.k_steps,
@@ -499,6 +681,7 @@ def w4a16_gemv(
             BLOCK_N=plan.block_n,
             BLOCK_K=plan.block_k,
             UNROLL=2,
+            BLOCK_M=plan.block_m,
             num_warps=plan.num_warps,
             num_stages=1,
         ),

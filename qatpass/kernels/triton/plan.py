@@ -11,11 +11,13 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-# Rows up to which w4a16_matmul runs the GEMV; above it, the tiled GEMM. The GEMV's tensor-core
-# path spends ~2 instructions per weight on dequant (plus 2 mma per word) for its one row of x;
-# its mma's B operand has 8 columns, so up to 8 rows of x could share the dequant (issue 14
-# item 3, not built: the kernel reads one row per program).
-GEMV_MAX_M = 1
+# Rows up to which w4a16_matmul runs the GEMV; above it, the tiled GEMM. On the tensor cores
+# (16-bit x and scales, the GEMV_MMA_BLOCK_K tile) the GEMV carries up to 8 rows of x in its
+# mma's B columns, 16 as two n8 blocks (gemv._mma_rows: BLOCK_M 8 / 16 rows per program, each
+# word dequantised once for all of them); elsewhere M = 1 only (one program per row would read
+# the weights M times). FP4 keeps one row (FP4_GEMV_MAX_M: its GEMV has no multi-row form).
+GEMV_MAX_M = 16
+FP4_GEMV_MAX_M = 1
 # CTAs per SM the GEMV configs reach (4 warps, <= 128 registers); the static report checks it.
 GEMV_OCCUPANCY = 4
 GEMV_WAVES = 2
@@ -45,6 +47,7 @@ class GemvPlan:
     steps: int
     k_steps: int
     grid: tuple[int, int, int]
+    block_m: int = 1  # rows of x per program (grid[0] = cdiv(M, block_m))
     kernel: str = "gemv"
 
 
@@ -63,24 +66,45 @@ def gemv_block_k(k: int, group_size: int) -> int:
     return bk
 
 
+def gemv_block_m(m: int, block_k: int) -> int:
+    """Rows of x per GEMV program on the tensor cores: 1 for M = 1 (gemv._mma_word), else one
+    (8) or two (16) n8 blocks of the mma's B operand (gemv._mma_rows), which needs the
+    GEMV_MMA_BLOCK_K tile."""
+    if m == 1 or block_k != GEMV_MMA_BLOCK_K:
+        return 1
+    return 8 if m <= 8 else 16
+
+
 @functools.lru_cache(maxsize=4096)
 def plan_gemv(
-    m: int, n: int, k: int, group_size: int, sms: int, split_k: int | None = None
+    m: int,
+    n: int,
+    k: int,
+    group_size: int,
+    sms: int,
+    split_k: int | None = None,
+    block_m: int | None = None,
 ) -> GemvPlan:
-    """Tile from K and the group; split K until the grid covers GEMV_WAVES waves of the GPU at
-    GEMV_OCCUPANCY CTAs per SM (or every split has a single step). `split_k` forces a split."""
+    """Tile from K and the group; rows of x per program `block_m` (default gemv_block_m: the
+    tensor-core path; 1 for the CUDA cores); split K until the grid, cdiv(M, block_m) row
+    blocks by the N tiles, covers GEMV_WAVES waves of the GPU at GEMV_OCCUPANCY CTAs per SM
+    (or every split has a single step). `split_k` forces a split."""
     bk = gemv_block_k(k, group_size)
+    if block_m is None:
+        block_m = gemv_block_m(m, bk)
     # four 128-bit words per thread along K, GEMV_ROWS_PER_THREAD rows per thread
     bn = GEMV_ROWS_PER_THREAD * GEMV_WARPS * 32 * 4 // (bk // 8)
     bn = max(16, min(bn, next_power_of_2(n)))
     if split_k is None:
         k_steps = cdiv(k, bk)
         split_k = 1
+        rows = cdiv(m, block_m)
         while (
-            m * cdiv(n, bn) * split_k < GEMV_WAVES * GEMV_OCCUPANCY * sms and split_k * 2 <= k_steps
+            rows * cdiv(n, bn) * split_k < GEMV_WAVES * GEMV_OCCUPANCY * sms
+            and split_k * 2 <= k_steps
         ):
             split_k *= 2
-    return gemv_tile_plan(m, n, k, bn, bk, split_k)
+    return gemv_tile_plan(m, n, k, bn, bk, split_k, block_m)
 
 
 # The FP4 GEMV's plan group: 32 (MXFP4's block, two NVFP4 blocks) gives the INT4 g32 tile,
@@ -102,7 +126,7 @@ def plan_fp4_gemv(
     FP4_GEMV_OCCUPANCY, BLOCK_N halved (to 32) on the CUDA-core path (the tensor-core one
     keeps the tile gemv._mma_word's layout was checked with)."""
     group = FP4_GEMV_PLAN_GROUP if k % FP4_GEMV_PLAN_GROUP == 0 else block
-    p = plan_gemv(m, n, k, group, sms, split_k)
+    p = plan_gemv(m, n, k, group, sms, split_k, 1)
     target = GEMV_WAVES * FP4_GEMV_OCCUPANCY[mma] * sms
     while not mma and split_k is None and p.block_n > 32 and m * p.grid[1] * p.grid[2] < target:
         p = gemv_tile_plan(m, n, k, p.block_n // 2, p.block_k, p.split_k)
@@ -133,13 +157,15 @@ def plan_fp4_gemm(
     return p
 
 
-def gemv_tile_plan(m: int, n: int, k: int, block_n: int, block_k: int, split_k: int) -> GemvPlan:
+def gemv_tile_plan(
+    m: int, n: int, k: int, block_n: int, block_k: int, split_k: int, block_m: int = 1
+) -> GemvPlan:
     """The GEMV launch of a given tile and split (splits without a K step are dropped)."""
     k_steps = cdiv(k, block_k)
     steps = cdiv(k_steps, max(1, split_k))
     split = cdiv(k_steps, steps)
     return GemvPlan(block_n, block_k, GEMV_WARPS, split, steps, k_steps,
-                    (m, cdiv(n, block_n), split))  # fmt: skip
+                    (cdiv(m, block_m), cdiv(n, block_n), split), block_m)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -216,10 +242,12 @@ DEQUANT_MATMUL_MIN_M = 2048
 
 
 def plan_linear(
-    m: int, n: int, k: int, group_size: int, sms: int
+    m: int, n: int, k: int, group_size: int, sms: int, mma: bool = True
 ) -> GemvPlan | GemmPlan | DequantPlan:
-    """What w4a16_matmul launches for x [M, K] and a weight [N, K] of this group size."""
-    if m <= GEMV_MAX_M:
+    """What w4a16_matmul launches for x [M, K] and a weight [N, K] of this group size; `mma`:
+    whether the GEMV can take its tensor-core path (16-bit x and scales, on the GPU: see
+    gemv.gemv_mma), which M = 2..GEMV_MAX_M needs (with the GEMV_MMA_BLOCK_K tile)."""
+    if m == 1 or (m <= GEMV_MAX_M and mma and gemv_block_k(k, group_size) == GEMV_MMA_BLOCK_K):
         return plan_gemv(m, n, k, group_size, sms)
     if m >= DEQUANT_MATMUL_MIN_M:
         return plan_dequant(group_size)
