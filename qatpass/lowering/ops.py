@@ -124,6 +124,16 @@ def _linear_on_cpu(x, qweight, scales, zeros, bias, group_size: int) -> torch.Te
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def _eager_cpu_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """True when a module call may skip the op wrapper: CPU x, not tracing, no autograd."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    return not grad and x.device.type == "cpu"
+
+
 def linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -135,11 +145,7 @@ def linear(
 ) -> torch.Tensor:
     """`w4a16_linear` as modules call it: in eager mode on CPU without autograd, straight to the
     CPU body (the same kernels, minus the triton_op wrapper's ~30 us per call); else the op."""
-    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-    grad = torch.is_grad_enabled() and (
-        x.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    if tracing or grad or x.device.type != "cpu":
+    if not _eager_cpu_inference(x, bias):
         return torch.ops.qatpass.w4a16_linear(
             x, qweight, scales, zeros, bias, group_size=group_size
         )
@@ -333,11 +339,7 @@ def fp4_linear_eager(
 ) -> torch.Tensor:
     """`fp4_linear` as modules call it: in eager mode on CPU without autograd, the op's body
     directly (the same validation and kernels, minus the custom_op dispatch); else the op."""
-    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-    grad = torch.is_grad_enabled() and (
-        x.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    if tracing or grad or x.device.type != "cpu":
+    if not _eager_cpu_inference(x, bias):
         return torch.ops.qatpass.fp4_linear(x, qweight, scales, global_scale, bias, fmt=fmt)
     return _fp4_linear_body(x, qweight, scales, global_scale, bias, fmt)
 
