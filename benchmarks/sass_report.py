@@ -404,6 +404,13 @@ def mma_lanes_along_k(ttgir: str) -> list[int]:
     return found
 
 
+def wgmma_a_operands(ttgir: str) -> list[str]:
+    """Where each Hopper wgmma (ttng.warp_group_dot) of the kernel takes its A operand from:
+    "registers" (a tensor: the swapped GEMM's dequantised weight) or "shared" (a memdesc)."""
+    found = re.findall(r"ttng\.warp_group_dot [^\n]*? : (tensor|!ttg\.memdesc)<", ttgir)
+    return ["registers" if kind == "tensor" else "shared" for kind in found]
+
+
 def resource_usage(cubin: bytes) -> dict:
     text = _tool("cuobjdump", cubin, "-res-usage")
     fields = dict(re.findall(r"(\w+):(\d+)", text.split("Function", 1)[1]))
@@ -446,6 +453,8 @@ def analyse(fn, meta: dict, num_warps: int, num_stages: int, grid, arch: int = 9
     }
     if lanes := mma_lanes_along_k(compiled.asm["ttgir"]):
         row["mma_lanes_along_k"] = sorted(set(lanes))
+    if a_from := wgmma_a_operands(compiled.asm["ttgir"]):
+        row["wgmma_a_operand"] = sorted(set(a_from))
     body = main_loop(instrs, labels)
     if body is None or "BLOCK_N" not in meta or "BLOCK_K" not in meta:
         return row
@@ -518,8 +527,9 @@ QUICK = [  # a representative subset (the CI test's): every kernel family and gr
     Case(4, 14336, 4096, 128, "bfloat16", False),  # the GEMV, one n8 block (rows 4..7 idle)
     Case(16, 14336, 4096, 128, "bfloat16", False),  # the GEMV, 16 rows a program
     Case(8, 4096, 4096, 32, "float16", False),
-    Case(17, 4096, 4096, 32, "bfloat16", False),  # the GEMM from GEMV_MAX_M + 1
+    Case(17, 4096, 4096, 32, "bfloat16", False),  # the GEMM from GEMV_MAX_M + 1, swapped
     Case(64, 4096, 4096, 128, "float16", False),
+    Case(64, 4096, 4096, 32, "bfloat16", True),  # swapped, 8 warps, 4 groups a K step
     Case(512, 14336, 4096, 32, "bfloat16", False),
     Case(
         2048, 4096, 4096, 128, "bfloat16", True

@@ -112,3 +112,16 @@ def test_small_m_runs_the_gemv_with_x_rows_in_the_mma_columns(report):
     assert gemv[(16, False)]["instr_per_weight_per_row"] < gemv[(1, False)]["instr_per_weight"] / 8
     at_17 = {r["kernel"] for r in report["rows"] if r["m"] == 17}
     assert "w4a16_gemm_kernel" in at_17 and "w4a16_gemv_kernel" not in at_17
+
+
+def test_small_m_gemm_swaps_operands_onto_wgmma_from_registers(report):
+    """M = 17..64 (plan.GEMM_SWAP_MAX_M) runs the GEMM with its operands swapped: on sm_90 the
+    dequantised weight tile is the wgmma's A operand straight from registers (no shared-memory
+    round trip), BLOCK_K spans whole groups, and no row spills."""
+    swapped = [r for r in _rows(report, "gemm") if r["config"].get("SWAP") and r["arch"] == 90]
+    assert {r["m"] for r in swapped} >= {17, 64}
+    for r in swapped:
+        assert r["wgmma_a_operand"] == ["registers"], r
+        assert r["config"]["BLOCK_K"] == 128 and r["spill_bytes"] == 0, r
+    large = [r for r in _rows(report, "gemm") if r["m"] > 64 and r["arch"] == 90]
+    assert large and not any(r["config"].get("SWAP") for r in large)

@@ -162,18 +162,39 @@ def test_splitk_reduce_sums_in_order_and_casts():
     torch.testing.assert_close(out, ref, **EXACT)
 
 
-@pytest.mark.parametrize(("n", "k", "group_size"), [(72, 128, 32), (24, 1024, 128)])
-@pytest.mark.parametrize("tile", range(len(plan.GEMM_TILES)))
+GEMM_TILE_ROWS = [(row, False) for row in plan.GEMM_TILES] + [
+    (row, True) for row in plan.GEMM_SWAP_TILES
+]
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "group_size"), [(72, 128, 32), (24, 1024, 128), (72, 160, 32), (40, 256, 16)]
+)
+@pytest.mark.parametrize("tile", range(len(GEMM_TILE_ROWS)))
 def test_every_gemm_tile_is_correct(n, k, group_size, tile):
-    """The interpreter runs the plan's tile for the shape; force each row of GEMM_TILES once
-    (K = 1024 takes the unmasked EVEN_K path, as real model shapes do)."""
+    """The interpreter runs the plan's tile for the shape; force each row of GEMM_TILES and of
+    GEMM_SWAP_TILES (operands swapped, BLOCK_K spanning several groups: 4 or 8 a tile, and a
+    K tail that ends mid-tile) once; K = 1024 takes the unmasked EVEN_K path, as real model
+    shapes do."""
     p, (qweight, scales, zeros) = _packed((n, k), group_size, symmetric=False)
     x = torch.randn(17, k, dtype=torch.float16, device=DEVICE)
-    _, bm, bn, bk, warps, stages = plan.GEMM_TILES[tile]
-    bk = min(bk, group_size)
-    tiles = plan.GemmPlan(bm, bn, bk, warps, stages, 1, (plan.cdiv(17, bm), plan.cdiv(n, bn), 1))
+    (_, bm, bn, bk, warps, stages), swap = GEMM_TILE_ROWS[tile]
+    bk = min(bk, 128 if swap else group_size)
+    grid = (plan.cdiv(17, bm), plan.cdiv(n, bn), 1)
+    tiles = plan.GemmPlan(bm, bn, bk, warps, stages, 1, grid, swap=swap)
     y = gemm.w4a16_gemm(x, qweight, scales, zeros, group_size=group_size, plan=tiles)
     torch.testing.assert_close(y.float(), _reference(x, p), **ACCUM[torch.float16])
+
+
+def test_swapped_gemm_plan_for_small_m():
+    """Up to GEMM_SWAP_MAX_M rows the INT4 GEMM swaps its operands, with BLOCK_K free to span
+    whole groups (group 32: 128); FP4 never does (its kernel has no swapped form)."""
+    for m in (17, 32, 33, 64):
+        p = plan.plan_gemm(m, 4096, 4096, 32, 132)
+        assert p.swap and p.block_k == 128 and p.block_n >= 64, p
+    assert not plan.plan_gemm(plan.GEMM_SWAP_MAX_M + 1, 4096, 4096, 32, 132).swap
+    assert not plan.plan_fp4_gemm(32, 4096, 4096, 32, 132).swap
+    assert plan.plan_gemm(32, 4096, 4096, 96, 132).block_k == 32  # 96: no power of two spans
 
 
 def _check_gemv(y, x, p, bias=None):
@@ -494,7 +515,7 @@ def test_grouped_refuses_bias_of_wrong_shape():
         (1, 14336, 4096, 128, "gemv", 1, 16),
         (8, 4096, 4096, 32, "gemv", 8, 32),  # x rows in the mma's B columns
         (16, 4096, 4096, 32, "gemv", 16, 32),
-        (17, 4096, 4096, 32, "gemm", 32, 4),
+        (17, 4096, 4096, 32, "gemm", 32, 8),  # swapped, 128 weight rows a program
         (64, 4096, 4096, 128, "gemm", 64, 8),
         (512, 14336, 4096, 32, "gemm", 128, 1),
     ],
@@ -612,9 +633,10 @@ COMPILE_SCRIPT = textwrap.dedent(
         POINTERS.update(x_ptr=x_dtype, scales_ptr=s_dtype)  # the other GEMV paths at that tile
         compile_for_sm90(gemv.w4a16_gemv_kernel, {**common, "SPLIT_K": 1, "EVEN_K": True, **mma_meta})
     POINTERS.update(x_ptr="*bf16", scales_ptr="*bf16")
-    compile_for_sm90(gemm.w4a16_gemm_kernel,
-                     {**common, "SPLIT_K": 2, "EVEN_K": False, "DOT_FP32": False,
-                      "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32})
+    for swap, bm, bn, bk in ((False, 64, 128, 32), (True, 32, 64, 128)):  # swapped: 4 groups
+        compile_for_sm90(gemm.w4a16_gemm_kernel,
+                         {**common, "SPLIT_K": 2, "EVEN_K": False, "DOT_FP32": False,
+                          "SWAP": swap, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk})
     compile_for_sm90(gemv.w4a16_gemv_kernel,
                      {**common, "GROUP_SIZE": 128, "SPLIT_K": 2, "EVEN_K": False, **gemv_meta})
     compile_for_sm90(grouped.w4a16_grouped_kernel, {**common, "EVEN_K": False},

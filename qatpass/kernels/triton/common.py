@@ -99,6 +99,63 @@ def load_dequant(
 
 
 @triton.jit
+def load_dequant_rows(
+    qbytes_ptr,  # uint8 [N, K/2]: the bytes of int32 qweight [N, K/8]; low nibble = even k
+    scales_ptr,  # float [N, K/G]
+    zeros_ptr,  # int8 [N, K/G] or None
+    offs_n,  # [BLOCK_N] weight rows
+    k0,  # first k of the tile, a multiple of BLOCK_K
+    N,
+    K,
+    stride_qn,  # bytes per row of qbytes
+    stride_sn,
+    stride_zn,
+    GROUP_SIZE: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """fp32 [BLOCK_N, BLOCK_K] tile of w (rows of the weight, k contiguous), (code - zero) *
+    scale; 0 outside [N, K]. The swapped GEMM's A operand: each row's bytes are one contiguous
+    (vectorised) load, the nibbles interleave back along the last axis, and a tile spanning
+    several groups reads one scale per (row, group), broadcast over the group by a reshape
+    (never one gathered per weight)."""
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] if EVEN_K else mask_n[:, None] & (offs_b[None, :] < K // 2)
+    rows = offs_n.to(tl.int64)[:, None] * stride_qn  # N * K / 2 bytes can pass 2**31
+    packed = tl.load(qbytes_ptr + rows + offs_b[None, :], mask=mask, other=0,
+                     eviction_policy="evict_first").to(tl.int32)  # fmt: skip
+    nibbles = tl.join((packed & 0xF) | MAGIC_BITS, (packed >> 4) | MAGIC_BITS)  # [BN, BK/2, 2]
+    biased = tl.reshape(nibbles, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)
+    # (if / else, not an early return: the JIT compiles what follows a return in a static if)
+    if GROUP_SIZE % BLOCK_K == 0:  # the tile lies in one group: one scale (and zero) per row
+        group = k0 // GROUP_SIZE
+        scales = tl.load(scales_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0)
+        offset = tl.full((BLOCK_N,), MAGIC_OFFSET, tl.float32)
+        if HAS_ZEROS:
+            zeros = tl.load(zeros_ptr + offs_n * stride_zn + group, mask=mask_n, other=0)
+            offset = offset + zeros.to(tl.float32)
+        w = (biased - offset[:, None]) * scales.to(tl.float32)[:, None]
+    else:
+        GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE  # whole groups in the tile
+        offs_g = k0 // GROUP_SIZE + tl.arange(0, GROUPS)
+        mask_g = (
+            mask_n[:, None] if EVEN_K else mask_n[:, None] & (offs_g[None, :] < K // GROUP_SIZE)
+        )
+        at = offs_n[:, None] * stride_sn + offs_g[None, :]
+        scales = tl.load(scales_ptr + at, mask=mask_g, other=0.0).to(tl.float32)
+        offset = tl.full((BLOCK_N, GROUPS), MAGIC_OFFSET, tl.float32)
+        if HAS_ZEROS:
+            at_z = offs_n[:, None] * stride_zn + offs_g[None, :]
+            offset = offset + tl.load(zeros_ptr + at_z, mask=mask_g, other=0).to(tl.float32)
+        codes = tl.reshape(biased, (BLOCK_N, GROUPS, GROUP_SIZE)) - offset[:, :, None]
+        w = tl.reshape(codes * scales[:, :, None], (BLOCK_N, BLOCK_K))
+    return w
+
+
+@triton.jit
 def gemv_row(
     # one row of activations, and one packed weight (pointers already at the right expert)
     x_ptr,  # fp16/bf16/fp32, elements stride_xk apart

@@ -1,10 +1,20 @@
 """W4A16 tiled GEMM (M >= 2, prefill and small batches): tensor-core `tl.dot`, optional split-K.
 
-Each program computes a [BLOCK_M, BLOCK_N] output tile. Per K step it loads the packed weight
-tile as bytes [BLOCK_K/2, BLOCK_N] (the same memory as int32 qweight), splits and interleaves
-the nibbles in registers, dequantizes (fp32 (code - zero) * scale), casts it to the activation
-dtype (the rounding of `qatpass.dequantize(p, dtype=x.dtype)`) and feeds the tensor cores with
-fp32 accumulation. DOT_FP32 upcasts both operands to fp32 instead: the
+Each program computes a [BLOCK_M, BLOCK_N] output tile and dequantizes its weight tile in
+registers per K step (fp32 (code - zero) * scale, cast to the activation dtype: the rounding of
+`qatpass.dequantize(p, dtype=x.dtype)`), then feeds the tensor cores with fp32 accumulation.
+Two operand orders (`plan.plan_gemm` picks by the real M):
+
+- SWAP (M <= plan.GEMM_SWAP_MAX_M): the dot is w [BLOCK_N, BLOCK_K] @ x.T [BLOCK_K, BLOCK_M],
+  out.T per program: the weight rows are the wide side (Hopper's wgmma takes the A operand,
+  the dequantized weight, straight from registers, M 64 a warpgroup) and x's few rows the
+  narrow N. The tile is read row by row (`load_dequant_rows`), and BLOCK_K may span several
+  groups (one scale per row and group, broadcast by a reshape).
+- Otherwise x [BLOCK_M, BLOCK_K] @ w.T [BLOCK_K, BLOCK_N] (`load_dequant`, BLOCK_K inside one
+  group).
+
+Every product is of the same rounded weight and x, exact in fp32, whichever operand order:
+only the fp32 summation order differs. DOT_FP32 upcasts both operands to fp32 instead: the
 Triton interpreter computes bf16 dots wrongly, and fp32 activations must not drop to TF32.
 Tile, warps, stages and split-K come from `plan.plan_gemm` on the real M (no autotuning, so
 nothing is benchmarked inside a CUDA-graph capture).
@@ -21,6 +31,7 @@ from qatpass.kernels.triton.common import (
     interpreting,
     launch,
     load_dequant,
+    load_dequant_rows,
     num_sms,
     use_fp32_dot,
 )
@@ -58,6 +69,7 @@ def w4a16_gemm_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
     DOT_FP32: tl.constexpr,
     INTERPRET: tl.constexpr,  # Triton interpreter: one config, bf16 rounding done by hand
+    SWAP: tl.constexpr,  # weight rows as the dot's M (small M: plan.GemmPlan.swap)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -76,26 +88,46 @@ def w4a16_gemm_kernel(
     kb_start = pid_k * per_split
     kb_end = tl.minimum(kb_start + per_split, k_blocks)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(kb_start, kb_end):
         k0 = kb * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        w = load_dequant(
-            qbytes_ptr, scales_ptr, zeros_ptr, offs_n, k0, N, K, stride_qn, stride_sn, stride_zn,
-            GROUP_SIZE=GROUP_SIZE, HAS_ZEROS=HAS_ZEROS, EVEN_K=EVEN_K,
-            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        )  # fmt: skip
-        # Round to the activation dtype exactly as dequantize(p, dtype=x.dtype) does.
-        w = cast_rne(w, x_ptr.dtype.element_ty, INTERPRET)
         x_tile = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
             mask=mask_m[:, None] if EVEN_K else mask_m[:, None] & (offs_k[None, :] < K),
             other=0.0,
         )
-        if DOT_FP32:
-            acc = tl.dot(x_tile.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        if SWAP:
+            # Small M: the weight rows are the dot's wide side (its M, the tensor cores' A
+            # operand, dequantised in registers), x's rows its narrow N: acc is out.T.
+            w = load_dequant_rows(
+                qbytes_ptr, scales_ptr, zeros_ptr, offs_n, k0, N, K, stride_qn, stride_sn,
+                stride_zn, GROUP_SIZE=GROUP_SIZE, HAS_ZEROS=HAS_ZEROS, EVEN_K=EVEN_K,
+                BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            )  # fmt: skip
+            # Round to the activation dtype exactly as dequantize(p, dtype=x.dtype) does.
+            w = cast_rne(w, x_ptr.dtype.element_ty, INTERPRET)
+            if DOT_FP32:
+                acc = tl.dot(w.to(tl.float32), tl.trans(x_tile.to(tl.float32)), acc,
+                             input_precision="ieee")  # fmt: skip
+            else:
+                acc = tl.dot(w, tl.trans(x_tile), acc)
         else:
-            acc = tl.dot(x_tile, w, acc)
+            w = load_dequant(
+                qbytes_ptr, scales_ptr, zeros_ptr, offs_n, k0, N, K, stride_qn, stride_sn,
+                stride_zn, GROUP_SIZE=GROUP_SIZE, HAS_ZEROS=HAS_ZEROS, EVEN_K=EVEN_K,
+                BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            )  # fmt: skip
+            w = cast_rne(w, x_ptr.dtype.element_ty, INTERPRET)
+            if DOT_FP32:
+                acc = tl.dot(x_tile.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x_tile, w, acc)
+    if SWAP:
+        acc = tl.trans(acc)
 
     mask = mask_m[:, None] & (offs_n[None, :] < N)
     if SPLIT_K == 1:
@@ -159,6 +191,7 @@ def w4a16_gemm(
             EVEN_K=k % plan.block_k == 0,
             DOT_FP32=use_fp32_dot(x),
             INTERPRET=interpreting(),
+            SWAP=plan.swap,
             BLOCK_M=plan.block_m,
             BLOCK_N=plan.block_n,
             BLOCK_K=plan.block_k,

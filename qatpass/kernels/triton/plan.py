@@ -151,9 +151,9 @@ def plan_fp4_gemm(
 ) -> GemmPlan:
     """`plan_gemm` with BLOCK_K at most `block_k` (a multiple of the FP4 block dividing K);
     `narrow`: BLOCK_N capped at FP4_GEMM_MAX_BLOCK_N for BLOCK_M >= FP4_GEMM_WIDE_MIN_BLOCK_M."""
-    p = plan_gemm(m, n, k, block_k, sms, split_k)
+    p = plan_gemm(m, n, k, block_k, sms, split_k, swap=False)
     if narrow and p.block_m >= FP4_GEMM_WIDE_MIN_BLOCK_M and p.block_n > FP4_GEMM_MAX_BLOCK_N:
-        p = plan_gemm(m, n, k, block_k, sms, split_k, FP4_GEMM_MAX_BLOCK_N)
+        p = plan_gemm(m, n, k, block_k, sms, split_k, FP4_GEMM_MAX_BLOCK_N, swap=False)
     return p
 
 
@@ -180,6 +180,7 @@ class GemmPlan:
     split_k: int
     grid: tuple[int, int, int]
     kernel: str = "gemm"
+    swap: bool = False  # weight rows as the dot's M, x rows its N (small M: GEMM_SWAP_MAX_M)
 
 
 # (largest M, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the tile grows with the real M.
@@ -189,6 +190,19 @@ GEMM_TILES = (
     (64, 64, 128, 64, 4, 4),
     (None, 128, 128, 64, 8, 3),
 )
+# The INT4 GEMM up to GEMM_SWAP_MAX_M rows, operands swapped: BLOCK_N weight rows are the dot's
+# M side (64 or 128: Hopper's wgmma, M 64 a warpgroup, A dequantised in registers) and the x
+# rows its N (8..256 on wgmma), so a batch of 16-64 rows no longer runs m16 mma.sync tiles with
+# the weight tile through shared memory; BLOCK_K may span several groups (one scale per row and
+# group: common.load_dequant_rows). 128 weight rows a program (64 halved the waves and cost
+# 0.5-1 more instruction per weight in the static report); 8 warps above 32 rows (4 warps
+# spilled there with zero points at group 32).
+GEMM_SWAP_TILES = (
+    (16, 16, 128, 128, 4, 4),
+    (32, 32, 128, 128, 4, 3),
+    (64, 64, 128, 128, 8, 3),
+)
+GEMM_SWAP_MAX_M = GEMM_SWAP_TILES[-1][0]
 GEMM_MAX_SPLIT_K = 16
 
 
@@ -201,13 +215,24 @@ def plan_gemm(
     sms: int,
     split_k: int | None = None,
     max_block_n: int | None = None,
+    swap: bool = True,
 ) -> GemmPlan:
-    """The tile row of GEMM_TILES for this M, BLOCK_K narrowed to lie within a group (one
-    scale per column per step) and to K, BLOCK_N to `max_block_n` when given; split K until
-    the output tiles cover the SMs."""
-    row = next(r for r in GEMM_TILES if r[0] is None or m <= r[0])
+    """The tile row for this M (GEMM_SWAP_TILES up to GEMM_SWAP_MAX_M rows when `swap`, the
+    INT4 kernel's swapped operands; GEMM_TILES otherwise), BLOCK_K narrowed to K and to lie
+    within a group (swapped: or to span whole groups), BLOCK_N to `max_block_n` when given;
+    split K until the output tiles cover the SMs."""
+    swap = swap and m <= GEMM_SWAP_MAX_M
+    row = (
+        next(r for r in GEMM_SWAP_TILES if m <= r[0])
+        if swap
+        else next(r for r in GEMM_TILES if r[0] is None or m <= r[0])
+    )
     _, bm, bn, bk, warps, stages = row
-    while bk > 16 and (group_size % bk or bk > max(16, next_power_of_2(k))):
+
+    def tiles_groups(b: int) -> bool:  # whole groups (swapped loader), or inside one group
+        return group_size % b == 0 or (swap and b % group_size == 0)
+
+    while bk > 16 and (not tiles_groups(bk) or bk > max(16, next_power_of_2(k))):
         bk //= 2
     bn = max(16, min(bn, next_power_of_2(n), max_block_n or bn))
     tiles = cdiv(m, bm) * cdiv(n, bn)
@@ -216,7 +241,8 @@ def plan_gemm(
         split_k = 1
         while tiles * split_k < sms and split_k * 2 <= min(k_blocks, GEMM_MAX_SPLIT_K):
             split_k *= 2
-    return GemmPlan(bm, bn, bk, warps, stages, split_k, (cdiv(m, bm), cdiv(n, bn), split_k))
+    grid = (cdiv(m, bm), cdiv(n, bn), split_k)
+    return GemmPlan(bm, bn, bk, warps, stages, split_k, grid, swap=swap)
 
 
 @dataclass(frozen=True)
