@@ -105,6 +105,34 @@ def make_step(
     return step
 
 
+def interleaved(builders: dict, base: nn.Module, ids: torch.Tensor, args) -> dict:
+    """Every variant built and warmed up in this process, then `args.steps` rounds of one step
+    each, in turn. Ratios pair each step with the baseline step of the same round."""
+    steps = {}
+    for name, build in builders.items():
+        model, run = build(copy.deepcopy(base))
+        steps[name] = make_step(model, run, ids, args.autocast)
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            steps[name]()
+        print(f"{name:>17}: warm-up {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.steps):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+    rows = {}
+    for name, ts in times.items():
+        rows[name] = {"median_s": statistics.median(ts), "times_s": ts}
+        if "baseline" in times and name != "baseline":
+            ratios = [a / b for a, b in zip(ts, times["baseline"], strict=True)]
+            rows[name]["paired_ratio_median"] = statistics.median(ratios)
+            rows[name]["paired_ratios"] = ratios
+        print(f"{name:>17}: {rows[name]['median_s']:.3f} s", file=sys.stderr)
+    return rows
+
+
 def _child_args(argv: list[str] | None) -> list[str]:
     """The parent's arguments minus --variants/--out/--rounds, for a one-variant child."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -149,6 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="repeat the one-process-per-variant sweep, alternating variants; each variant "
         "reports the median of its round medians (a noisy machine loads every variant alike)",
     )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="one process: build every variant, then time their steps in turn (baseline, qat4, "
+        "..., baseline, ...), --steps each; reports each variant's median and the median of its "
+        "per-step ratios to the baseline step next to it (background load hits both alike)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -166,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     rows = {}
     names = args.variants.split(",")
-    if len(names) > 1 and not args.in_process:
+    if len(names) > 1 and not args.in_process and not args.interleave:
         # one fresh process per variant: no variant inherits another's caches or allocator state
         rounds: dict[str, list[dict]] = {name: [] for name in names}
         for _ in range(args.rounds):
@@ -191,6 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "round_spread": (max(meds) - min(meds)) / statistics.median(meds),
                 "warmup_s": statistics.median(r["warmup_s"] for r in ok),
             }
+        names = []
+    if args.interleave:
+        rows = interleaved({n: variants[n] for n in names}, base, ids, args)
         names = []
     for name in names:
         build = variants[name]
