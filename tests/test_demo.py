@@ -48,6 +48,24 @@ def test_split_is_by_file_and_deterministic():
     assert len(code.train) + len(code.held_out) == 60 and code.held_out
 
 
+def test_prose_lines_come_from_training_files_only():
+    """Part A's extra training text: docstring lines of the training files, none from a held-out
+    file (the held-out docstrings' own lines included), none repeating a first line."""
+    from qatpass.demo.data import docstring_texts
+    from qatpass.demo.part_a import _prose_lines
+
+    split = docstring_sentences(max_files=80)
+    prose = _prose_lines(80, split)
+    held = {
+        t.strip()
+        for d in docstring_texts(max_files=80, min_chars=0).held_out
+        for t in d.split("\n")
+    }
+    assert prose and len(set(prose)) == len(prose) and not set(prose) & set(split.train)
+    assert all(24 <= len(line) <= 200 for line in prose)
+    assert not set(prose) & (held | set(split.held_out))
+
+
 def test_agreement_counts_unchanged_top1_neighbours():
     def unit(rows):
         return torch.nn.functional.normalize(torch.tensor(rows), dim=-1)

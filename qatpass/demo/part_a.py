@@ -8,8 +8,10 @@ each sentence's similarities to all the others (the ranking a retrieval user see
 neighbour agreement, kept as information: near ties (top-1/top-2 gap under `NEAR_TIE_GAP` in the
 fp32 similarities) flip under errors far below what INT4 leaves, so it cannot measure recovery.
 
-Recipe (see `PartARecipe`): loss = mean over the encoder layers of the masked MSE between student
-and teacher hidden states + `embed_weight` * (1 - cosine) of the pooled, normalized embeddings;
+Training text: the first docstring lines of the training files and (`prose`) the other lines of
+those files' docstrings (3.7x as many sentences of the teacher's function; held-out files give
+none). Recipe (see `PartARecipe`): loss = mean over the encoder layers of the masked MSE between
+student and teacher hidden states + `embed_weight` * (1 - cosine) of the pooled, normalized embeddings;
 AdamW, linear warm-up then cosine decay, no dropout, batches padded to their longest sentence.
 The pooler is not loaded (`add_pooling_layer=False`): mean pooling never reads it, so it is neither
 trained nor quantized nor served; embeddings and LayerNorms stay high precision (DEFAULT_EXCLUDE).
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import qatpass
-from qatpass.demo.data import docstring_sentences
+from qatpass.demo.data import docstring_sentences, docstring_texts
 from qatpass.demo.serving import to_int4
 
 __all__ = [
@@ -49,12 +51,13 @@ NEAR_TIE_GAP = 0.003  # a top-1/top-2 cosine gap below this is a near tie
 
 @dataclass(frozen=True)
 class PartARecipe:
-    steps: int = 220
+    steps: int = 500
     batch: int = 32
     lr: float = 1e-4
     warmup: float = 0.1  # share of steps
     max_len: int = 32  # training sentences are truncated to this many tokens
     embed_weight: float = 100.0  # weight of (1 - cos) next to the hidden-state MSE
+    prose: bool = True  # also train on the other lines of the training files' docstrings
     max_files: int | None = None  # stdlib files read (None: all)
     max_held_out: int | None = None  # held-out sentences scored (None: all)
 
@@ -160,14 +163,28 @@ def _scores(emb: torch.Tensor, ref: torch.Tensor) -> dict:
     }
 
 
+def _prose_lines(max_files: int | None, split) -> list[str]:
+    """Lines of 24..200 characters from the whole docstrings of the training files, other than
+    their first lines (already in split.train) and any line a held-out file's docstrings also
+    hold (common phrases such as "This method is a coroutine." appear on both sides)."""
+    docs = docstring_texts(max_files=max_files, min_chars=0)
+    known = set(split.train) | set(split.held_out)
+    known |= {t.strip() for doc in docs.held_out for t in doc.splitlines()}
+    lines = []
+    for doc in docs.train:
+        for line in (t.strip() for t in doc.splitlines()):
+            if 24 <= len(line) <= 200 and line not in known:
+                known.add(line)
+                lines.append(line)
+    return lines
+
+
 def _distill_loss(student_out, teacher_out, mask: torch.Tensor, r: PartARecipe):
     m = mask.unsqueeze(-1).float()
     pairs = list(zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:], strict=True))
     hidden = sum(((s - t) ** 2 * m).sum() / (m.sum() * s.shape[-1]) for s, t in pairs) / len(pairs)
-    cos = F.cosine_similarity(
-        _pool(student_out.last_hidden_state, mask), _pool(teacher_out.last_hidden_state, mask)
-    )
-    return hidden + r.embed_weight * (1 - cos).mean()
+    es, et = _pool(student_out.last_hidden_state, mask), _pool(teacher_out.last_hidden_state, mask)
+    return hidden + r.embed_weight * (1 - F.cosine_similarity(es, et)).mean()
 
 
 def _qat(teacher, tok, sentences: list[str], r: PartARecipe, compiler: str, seed: int, progress):
@@ -229,7 +246,8 @@ def run_part_a(
     tok, teacher = _load(model_dir)
     ref = embed(teacher, tok, held_out)
     ptq = _scores(embed(to_int4(teacher), tok, held_out), ref)
-    student, losses, quantized = _qat(teacher, tok, split.train, recipe, compiler, seed, progress)
+    train = split.train + (_prose_lines(recipe.max_files, split) if recipe.prose else [])
+    student, losses, quantized = _qat(teacher, tok, train, recipe, compiler, seed, progress)
     qat = _scores(embed(to_int4(student), tok, held_out), ref)
 
     def recovered(key: str) -> float | None:
@@ -244,6 +262,7 @@ def run_part_a(
         "quantized_weights": len(quantized),
         "sentences": {
             "train": len(split.train),
+            "train_prose_lines": len(train) - len(split.train),
             "held_out": len(held_out),
             "train_files": split.train_files,
             "held_out_files": split.held_out_files,
