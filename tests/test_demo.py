@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from qatpass.demo import main
-from qatpass.demo.data import docstring_sentences, is_held_out, source_bytes, stdlib_files
+from qatpass.demo.data import (
+    docstring_lines,
+    docstring_sentences,
+    docstring_texts,
+    is_held_out,
+    source_bytes,
+    stdlib_files,
+)
 from qatpass.demo.part_a import agreement, near_tie_share, spearman_per_sentence
 from qatpass.demo.plots import plot_part_a, plot_part_b
 
@@ -51,11 +58,8 @@ def test_split_is_by_file_and_deterministic():
 def test_prose_lines_come_from_training_files_only():
     """Part A's extra training text: docstring lines of the training files, none from a held-out
     file (the held-out docstrings' own lines included), none repeating a first line."""
-    from qatpass.demo.data import docstring_texts
-    from qatpass.demo.part_a import _prose_lines
-
     split = docstring_sentences(max_files=80)
-    prose = _prose_lines(80, split)
+    prose = docstring_lines(split, 80)
     held = {
         t.strip()
         for d in docstring_texts(max_files=80, min_chars=0).held_out

@@ -1,6 +1,7 @@
 """Offline, deterministic text from the Python standard library, split by file.
 
 - `docstring_sentences`: first lines of module / class / function docstrings (part A's sentences).
+- `docstring_lines`: the other lines of the training files' docstrings (part A's extra text).
 - `source_bytes`: the raw source files as bytes (part B's byte-level LM corpus).
 - `docstring_texts`: whole docstrings (the pretrained-LM study's prose).
 
@@ -23,6 +24,7 @@ __all__ = [
     "stdlib_files",
     "is_held_out",
     "docstring_sentences",
+    "docstring_lines",
     "docstring_texts",
     "source_bytes",
 ]
@@ -66,8 +68,13 @@ def _first_lines(source: str) -> list[str]:
     return [doc.splitlines()[0].strip() for doc in _docstrings(source)]
 
 
+SENTENCE_CHARS = (24, 200)  # the length bounds of a docstring line kept as a sentence
+
+
 def docstring_sentences(
-    max_files: int | None = None, min_chars: int = 24, max_chars: int = 200
+    max_files: int | None = None,
+    min_chars: int = SENTENCE_CHARS[0],
+    max_chars: int = SENTENCE_CHARS[1],
 ) -> Split:
     """First docstring lines (deduplicated globally, first occurrence wins), split by file."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -90,6 +97,24 @@ def docstring_sentences(
                 kept += 1
         counts[side is held] += kept > 0
     return Split(train, held, counts[0], counts[1])
+
+
+def docstring_lines(sentences: Split, max_files: int | None = None) -> list[str]:
+    """Docstring lines of the training files (`SENTENCE_CHARS` long), other than the first
+    lines in `sentences` (a `docstring_sentences` split of the same files) and any line a
+    held-out file's docstrings also hold (phrases such as "This method is a coroutine." occur
+    on both sides); deduplicated, in walk order."""
+    docs = docstring_texts(max_files=max_files, min_chars=0)
+    known = set(sentences.train) | set(sentences.held_out)
+    known |= {t.strip() for doc in docs.held_out for t in doc.splitlines()}
+    lo, hi = SENTENCE_CHARS
+    lines = []
+    for doc in docs.train:
+        for line in (t.strip() for t in doc.splitlines()):
+            if lo <= len(line) <= hi and line not in known:
+                known.add(line)
+                lines.append(line)
+    return lines
 
 
 def docstring_texts(

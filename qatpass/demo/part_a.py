@@ -9,9 +9,10 @@ neighbour agreement, kept as information: near ties (top-1/top-2 gap under `NEAR
 fp32 similarities) flip under errors far below what INT4 leaves, so it cannot measure recovery.
 
 Training text: the first docstring lines of the training files and (`prose`) the other lines of
-those files' docstrings (3.7x as many sentences of the teacher's function; held-out files give
-none). Recipe (see `PartARecipe`): loss = mean over the encoder layers of the masked MSE between
-student and teacher hidden states + `embed_weight` * (1 - cosine) of the pooled, normalized embeddings;
+those files' docstrings (`data.docstring_lines`: 3.7x as many sentences of the teacher's
+function; held-out files give none). Recipe (see `PartARecipe`): loss = mean over the encoder
+layers of the masked MSE between student and teacher hidden states + `embed_weight` *
+(1 - cosine) of the pooled, normalized embeddings;
 AdamW, linear warm-up then cosine decay, no dropout, batches padded to their longest sentence.
 The pooler is not loaded (`add_pooling_layer=False`): mean pooling never reads it, so it is neither
 trained nor quantized nor served; embeddings and LayerNorms stay high precision (DEFAULT_EXCLUDE).
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import qatpass
-from qatpass.demo.data import docstring_sentences, docstring_texts
+from qatpass.demo.data import docstring_lines, docstring_sentences
 from qatpass.demo.serving import to_int4
 
 __all__ = [
@@ -163,28 +164,14 @@ def _scores(emb: torch.Tensor, ref: torch.Tensor) -> dict:
     }
 
 
-def _prose_lines(max_files: int | None, split) -> list[str]:
-    """Lines of 24..200 characters from the whole docstrings of the training files, other than
-    their first lines (already in split.train) and any line a held-out file's docstrings also
-    hold (common phrases such as "This method is a coroutine." appear on both sides)."""
-    docs = docstring_texts(max_files=max_files, min_chars=0)
-    known = set(split.train) | set(split.held_out)
-    known |= {t.strip() for doc in docs.held_out for t in doc.splitlines()}
-    lines = []
-    for doc in docs.train:
-        for line in (t.strip() for t in doc.splitlines()):
-            if 24 <= len(line) <= 200 and line not in known:
-                known.add(line)
-                lines.append(line)
-    return lines
-
-
 def _distill_loss(student_out, teacher_out, mask: torch.Tensor, r: PartARecipe):
     m = mask.unsqueeze(-1).float()
     pairs = list(zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:], strict=True))
     hidden = sum(((s - t) ** 2 * m).sum() / (m.sum() * s.shape[-1]) for s, t in pairs) / len(pairs)
-    es, et = _pool(student_out.last_hidden_state, mask), _pool(teacher_out.last_hidden_state, mask)
-    return hidden + r.embed_weight * (1 - F.cosine_similarity(es, et)).mean()
+    cos = F.cosine_similarity(
+        _pool(student_out.last_hidden_state, mask), _pool(teacher_out.last_hidden_state, mask)
+    )
+    return hidden + r.embed_weight * (1 - cos).mean()
 
 
 def _qat(teacher, tok, sentences: list[str], r: PartARecipe, compiler: str, seed: int, progress):
@@ -246,7 +233,7 @@ def run_part_a(
     tok, teacher = _load(model_dir)
     ref = embed(teacher, tok, held_out)
     ptq = _scores(embed(to_int4(teacher), tok, held_out), ref)
-    train = split.train + (_prose_lines(recipe.max_files, split) if recipe.prose else [])
+    train = split.train + (docstring_lines(split, recipe.max_files) if recipe.prose else [])
     student, losses, quantized = _qat(teacher, tok, train, recipe, compiler, seed, progress)
     qat = _scores(embed(to_int4(student), tok, held_out), ref)
 

@@ -232,6 +232,16 @@ def gemv_row(
 
 
 @triton.jit
+def dot_acc(a, b, acc, DOT_FP32: tl.constexpr):
+    """acc + a @ b on the tensor cores, fp32 accumulation; DOT_FP32: both operands upcast to
+    fp32 with IEEE products (the interpreter's bf16 dot is wrong, and fp32 activations must not
+    drop to TF32)."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def cast_rne(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """fp32 x cast to DTYPE, rounding to nearest even.
 

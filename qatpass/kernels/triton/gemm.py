@@ -28,6 +28,7 @@ import triton.language as tl
 
 from qatpass.kernels.triton.common import (
     cast_rne,
+    dot_acc,
     interpreting,
     launch,
     load_dequant,
@@ -108,24 +109,18 @@ def w4a16_gemm_kernel(
                 stride_zn, GROUP_SIZE=GROUP_SIZE, HAS_ZEROS=HAS_ZEROS, EVEN_K=EVEN_K,
                 BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
             )  # fmt: skip
-            # Round to the activation dtype exactly as dequantize(p, dtype=x.dtype) does.
-            w = cast_rne(w, x_ptr.dtype.element_ty, INTERPRET)
-            if DOT_FP32:
-                acc = tl.dot(w.to(tl.float32), tl.trans(x_tile.to(tl.float32)), acc,
-                             input_precision="ieee")  # fmt: skip
-            else:
-                acc = tl.dot(w, tl.trans(x_tile), acc)
         else:
             w = load_dequant(
                 qbytes_ptr, scales_ptr, zeros_ptr, offs_n, k0, N, K, stride_qn, stride_sn,
                 stride_zn, GROUP_SIZE=GROUP_SIZE, HAS_ZEROS=HAS_ZEROS, EVEN_K=EVEN_K,
                 BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
             )  # fmt: skip
-            w = cast_rne(w, x_ptr.dtype.element_ty, INTERPRET)
-            if DOT_FP32:
-                acc = tl.dot(x_tile.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x_tile, w, acc)
+        # Round to the activation dtype exactly as dequantize(p, dtype=x.dtype) does.
+        w = cast_rne(w, x_ptr.dtype.element_ty, INTERPRET)
+        if SWAP:
+            acc = dot_acc(w, tl.trans(x_tile), acc, DOT_FP32)
+        else:
+            acc = dot_acc(x_tile, w, acc, DOT_FP32)
     if SWAP:
         acc = tl.trans(acc)
 

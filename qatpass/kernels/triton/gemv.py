@@ -478,19 +478,18 @@ def w4a16_gemv_kernel(
                 xp0, xp1, xp2, xp3 = _x_pairs(x_row, step, K, NG, WG, BLOCK_K, EVEN_K)
                 acc = _mma_word(words, s2, c2, xp0, xp1, xp2, xp3, acc,
                                 x_ptr.dtype.element_ty)  # fmt: skip
-            elif BLOCKS == 1:
-                xa = _x_pairs_rows(x_ptr, rows_a, M, stride_xm, step, K, NG, WG, BLOCK_K,
-                                   EVEN_K)  # fmt: skip
-                d0, d1 = _mma_rows(words, s2, c2, xa, (d0, d1), x_ptr.dtype.element_ty, 1)
             else:
                 xa = _x_pairs_rows(x_ptr, rows_a, M, stride_xm, step, K, NG, WG, BLOCK_K,
                                    EVEN_K)  # fmt: skip
-                xb = _x_pairs_rows(x_ptr, rows_a + 8, M, stride_xm, step, K, NG, WG,
-                                   BLOCK_K, EVEN_K)  # fmt: skip
-                d0, d1, d2, d3 = _mma_rows(
-                    words, s2, c2, (xa[0], xa[1], xa[2], xa[3], xb[0], xb[1], xb[2], xb[3]),
-                    (d0, d1, d2, d3), x_ptr.dtype.element_ty, 2,
-                )  # fmt: skip
+                if BLOCKS == 1:
+                    d0, d1 = _mma_rows(words, s2, c2, xa, (d0, d1), x_ptr.dtype.element_ty, 1)
+                else:
+                    xb = _x_pairs_rows(x_ptr, rows_a + 8, M, stride_xm, step, K, NG, WG,
+                                       BLOCK_K, EVEN_K)  # fmt: skip
+                    d0, d1, d2, d3 = _mma_rows(
+                        words, s2, c2, (xa[0], xa[1], xa[2], xa[3], xb[0], xb[1], xb[2], xb[3]),
+                        (d0, d1, d2, d3), x_ptr.dtype.element_ty, 2,
+                    )  # fmt: skip
         elif ROUNDED:
             xs = _planes(x.to(tl.float32), BKW, NG, WG)
             x0, x1, x2, x3, x4, x5, x6, x7 = xs

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from qatpass.kernels.triton.common import (
     cast_rne,
+    dot_acc,
     interpreting,
     launch,
     load_dequant,
@@ -99,10 +100,7 @@ def w4a16_grouped_gemm_kernel(
         w = cast_rne(w, x_ptr.dtype.element_ty, INTERPRET)
         mask_x = mask_m[:, None] if EVEN_K else mask_m[:, None] & (offs_k[None, :] < K)
         x_tile = tl.load(x_rows + offs_k[None, :], mask=mask_x, other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(x_tile.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x_tile, w, acc)
+        acc = dot_acc(x_tile, w, acc, DOT_FP32)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert * stride_be + offs_n, mask=mask_n, other=0.0)
