@@ -112,7 +112,9 @@ def rotating(fns: list[Callable[[torch.Tensor], object]]) -> Callable[[torch.Ten
 def timed_ms(fns: dict[str, Callable[[], object]], repeats: int, budget_s: float) -> dict:
     """{name: {"median", "min", "max"}} ms of each callable, timed round-robin.
 
-    Interleaving gives every variant the same share of a noisy machine's contention; the minimum
+    Interleaving gives every variant the same share of a noisy machine's contention, and odd
+    rounds run in reverse order, so each variant follows every other (a call that follows a large
+    streaming read measured up to 1.6x slower here than one that follows a small one); the minimum
     is the figure least disturbed by other processes, max / min shows the noise. After one warmup
     call each, rounds run until `repeats` or budget_s (at least 3 rounds).
     """
@@ -122,15 +124,36 @@ def timed_ms(fns: dict[str, Callable[[], object]], repeats: int, budget_s: float
     start = time.perf_counter()
     rounds = 0
     while rounds < repeats and (rounds < 3 or time.perf_counter() - start < budget_s):
-        for name, fn in fns.items():
+        order = list(fns.items())
+        for name, fn in order if rounds % 2 == 0 else order[::-1]:  # each follows each
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
         rounds += 1
     return {
-        name: {"median": statistics.median(ts) * 1e3, "min": min(ts) * 1e3, "max": max(ts) * 1e3}
+        name: {
+            "median": statistics.median(ts) * 1e3,
+            "min": min(ts) * 1e3,
+            "max": max(ts) * 1e3,
+            "rounds": ts,
+        }
         for name, ts in times.items()
     }
+
+
+def paired_read(nbytes: int, llc: int, cold: bool) -> Callable[[torch.Tensor], object]:
+    """A streaming read of `nbytes` (fp32 buffers summed, rotated as the weights are): timed in
+    the same rounds as the kernels, it is the limit measured beside each call."""
+    buffers = [torch.ones(max(1, nbytes // 4)) for _ in range(copies_for(nbytes, llc, cold))]
+    return rotating([lambda _x, b=b: b.sum() for b in buffers])
+
+
+def paired_pct(kernel_s: list[float], read_s: list[float]) -> dict:
+    """Per round, the read's time over the kernel's on the same bytes, as % of read bandwidth:
+    median and quartiles (the machine's drift hits both calls of a round alike)."""
+    pct = sorted(100 * r / t for t, r in zip(kernel_s, read_s, strict=True))
+    q = statistics.quantiles(pct, n=4) if len(pct) > 1 else [pct[0]] * 3
+    return {"median": q[1], "q1": q[0], "q3": q[2]}
 
 
 def _torchao(linear: nn.Linear, kind: str, group_size: int) -> nn.Module:
@@ -232,6 +255,9 @@ def _shape_rows(
     for m in ms:
         x = torch.randn(m, k).bfloat16()
         fns = {name: lambda x=x, run=run: run(x) for name, run in runs.items()}
+        if m == 1 and "qatpass" in fns:  # the limit, read in the same rounds on the same bytes
+            read = paired_read(packed.nbytes(), llc, cold)
+            fns["read"] = lambda x=x, read=read: read(x)
         row = {
             "device": "cpu",
             "threads": torch.get_num_threads(),
@@ -255,9 +281,14 @@ def _shape_rows(
             row["qatpass_aten_max_abs_diff_vs_dequant_ref"] = float(
                 (run_aten(x).float() - ref).abs().max()
             )
-            for key, t in timed_ms(fns, repeats, budget_s).items():
+            timed = timed_ms(fns, repeats, budget_s)
+            for key, t in timed.items():
                 row[f"{key}_ms"], row[f"{key}_min_ms"] = t["median"], t["min"]
                 row[f"{key}_max_over_min"] = t["max"] / t["min"]  # the noise of this row
+            if "read" in timed:
+                paired = paired_pct(timed["qatpass"]["rounds"], timed["read"]["rounds"])
+                row["qatpass_pct_of_paired_read"] = paired["median"]
+                row["qatpass_pct_of_paired_read_iqr"] = [paired["q1"], paired["q3"]]
         for key in ("qatpass", "qatpass_aten", "qatpass_fallback", "torchao_int4", "torchao_w8a8"):
             if row.get(f"{key}_ms"):
                 row[f"{key}_speedup_vs_bf16"] = row["bf16_ms"] / row[f"{key}_ms"]
@@ -313,6 +344,12 @@ def summary(row: dict) -> str:
             f" | {row['qatpass_gbps']:.1f} GB/s = {row['qatpass_pct_of_read_bw']:.0f}% "
             f"(fastest {row['qatpass_gbps_best']:.1f} = {row['qatpass_pct_of_read_bw_best']:.0f}%)"
             f" of {row['read_bw_gbps']:.1f} GB/s read"
+        )
+    if row.get("qatpass_pct_of_paired_read"):
+        q1, q3 = row["qatpass_pct_of_paired_read_iqr"]
+        text += (
+            f" | paired with a read of the same bytes: {row['qatpass_pct_of_paired_read']:.0f}% "
+            f"(quartiles {q1:.0f}-{q3:.0f}%)"
         )
     return text
 

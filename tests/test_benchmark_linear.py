@@ -1,0 +1,52 @@
+"""benchmarks/linear.py: the round order and the read paired with each M = 1 call (no timings
+asserted: speed belongs in the benchmark's JSON)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from qatpass.kernels.cpu.native import kernel_unavailable_reason
+
+
+def _module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "linear.py"
+    spec = importlib.util.spec_from_file_location("qatpass_bench_linear", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+lin = _module()
+
+
+def test_rounds_alternate_their_order_so_each_variant_follows_every_other():
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    lin.timed_ms(fns, repeats=4, budget_s=10.0)
+    assert calls[3:] == list("abccbaabccba")  # after one warm-up call each
+    assert all(len(t["rounds"]) == 4 for t in lin.timed_ms(fns, 4, 10.0).values())
+
+
+def test_paired_pct_is_the_read_time_over_the_kernel_time_per_round():
+    got = lin.paired_pct([2.0, 1.0, 4.0, 1.0], [1.0, 1.0, 1.0, 0.5])
+    assert got["median"] == pytest.approx(50.0)  # rounds: 50, 100, 25, 50 %
+    assert got["q1"] <= got["median"] <= got["q3"]
+
+
+@pytest.mark.skipif(kernel_unavailable_reason() is not None, reason="no native CPU kernel")
+def test_m1_rows_report_the_paired_read(tmp_path):
+    out = tmp_path / "linear.json"
+    result = lin.main(["--quick", "--threads", "1", "--group-sizes", "32", "--variants",
+                       "bf16,qatpass", "--repeats", "3", "--budget-s", "0.05", "--out", str(out)])  # fmt: skip
+    rows = {r["M"]: r for r in result["cpu"]}
+    assert rows[1]["read_ms"] > 0 and 0 < rows[1]["qatpass_pct_of_paired_read"]
+    q1, q3 = rows[1]["qatpass_pct_of_paired_read_iqr"]
+    assert q1 <= rows[1]["qatpass_pct_of_paired_read"] <= q3
+    assert "read_ms" not in rows[4] and "qatpass_pct_of_paired_read" not in rows[4]
+    assert rows[1]["qatpass_max_abs_diff_vs_dequant_ref"] < 0.05
+    assert out.exists()
