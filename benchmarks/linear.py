@@ -28,8 +28,11 @@ a 256 MiB fp32 array summed with torch, best of 5) and probes again before every
 best probe so far is `read_bw_gbps`: on a shared machine a low probe would flatter), and every
 M=1 row reports each variant's bytes streamed per second (`<variant>_gbps`: the packed bytes,
 qweight + scales (+ zeros), for qatpass; 2 bytes/weight for bf16) and that as a share of the
-probe (`<variant>_pct_of_read_bw`). Each row is also printed as one readable line (`summary`).
-llama.cpp's Q4_0 is not a column: `LLAMA_CPP` says why.
+probe (`<variant>_pct_of_read_bw`). At M=1 a `read` of the packed weight's bytes also runs in
+every round, beside each qatpass call: `qatpass_pct_of_paired_read` is the median over rounds of
+read time / kernel time (quartiles in `_iqr`), the limit measured at the same moment. Each row is
+also printed as one readable line (`summary`).
+llama.cpp's Q4_0 is timed by `benchmarks/llama_cpp_q4_0.py` (`LLAMA_CPP`).
 
 Bandwidth bounds at M=1 over bf16's 2 bytes/weight: the native kernel streams 0.5 byte of nibbles
 plus a 2-byte scale per group, 2 / (0.5 + 2/G) = 3.56x at G=32; aten's layout stores a zero next
@@ -63,10 +66,9 @@ GROUP_SIZES = (32, 128)
 
 
 LLAMA_CPP = (
-    "not run: pip finds no prebuilt llama-cpp-python wheel for CPython 3.11 here (`pip download "
-    "--no-deps --only-binary=:all: llama-cpp-python`: no matching distribution; only the 0.3.36 "
-    "sdist, 77 MB, which builds llama.cpp with CMake), and the source build was not affordable "
-    "on the 2 shared cores (load average 8-13 at the time)"
+    "not a column here: llama.cpp's Q4_0 matmul is timed by benchmarks/llama_cpp_q4_0.py, which "
+    "runs llama.cpp's own test-backend-ops perf (no CPython 3.11 wheel of llama-cpp-python "
+    "exposes ggml's matmul to Python; its sdist's vendored llama.cpp builds that binary)"
 )
 PROBE_BYTES = 256 * 2**20
 

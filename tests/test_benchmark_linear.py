@@ -50,3 +50,26 @@ def test_m1_rows_report_the_paired_read(tmp_path):
     assert "read_ms" not in rows[4] and "qatpass_pct_of_paired_read" not in rows[4]
     assert rows[1]["qatpass_max_abs_diff_vs_dequant_ref"] < 0.05
     assert out.exists()
+
+
+def _llama_module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "llama_cpp_q4_0.py"
+    spec = importlib.util.spec_from_file_location("qatpass_bench_llama_cpp", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_llama_cpp_rows_are_parsed_from_test_backend_ops_output():
+    text = (
+        "  MUL_MAT(type_a=q4_0,type_b=f32,m=4096,n=1,k=14336,bs=[1,1],nr=[1,1],per=[0,1,2,3],"
+        "k_v=0,o=1):    276 runs -  4333.66 us/run - 117.44 MFLOP/run -  27.10 GFLOPS\n"
+        "  MUL_MAT(type_a=q4_0,type_b=f32,m=4096,n=8,k=14336,bs=[1,1]):   80 runs - 11252.00 us/run\n"
+        "  MUL_MAT(type_a=q8_0,type_b=f32,m=4096,n=1,k=14336,bs=[1,1]):  300 runs -  5000.00 us/run\n"
+        "  MUL_MAT(type_a=q4_0,type_b=f32,m=4096,n=1,k=4096,bs=[1,1]):   900 runs -  1000.00 us/run\n"
+    )
+    rows = _llama_module().parse(text)
+    assert sorted(rows) == [1, 8]  # other types and shapes are left out
+    assert rows[1]["us"] == 4333.66 and rows[1]["runs"] == 276
+    assert rows[8]["us"] == 11252.0
