@@ -244,6 +244,26 @@ def test_every_path_is_bit_identical_on_1_and_2_threads(m, dtype, symmetric, gem
 
 
 @needs_native
+@pytest.mark.parametrize("m", [2, 3, 4])
+@pytest.mark.parametrize(("n", "k", "group_size"), [(37, 640, 32), (6, 1088, 64), (4, 256, -1)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+def test_small_batch_rows_equal_single_row_calls_bit_for_bit(m, n, k, group_size, symmetric,
+                                                              scale_dtype):  # fmt: skip
+    """M <= 4 shares M = 1's four streams and sum order: a rollout row gets the same logits
+    alone as in a small batch."""
+    p = quantize(torch.randn(n, k), _scheme(group_size, symmetric, scale_dtype))
+    x = torch.randn(m, k).bfloat16()
+    bias = torch.randn(n).bfloat16()
+    y = cpu_linear(x, p.qweight, p.scales, p.zeros, bias, group_size=p.group_size)
+    for r in range(m):
+        alone = cpu_linear(x[r : r + 1], p.qweight, p.scales, p.zeros, bias,
+                           group_size=p.group_size)  # fmt: skip
+        assert torch.equal(y[r : r + 1], alone)
+    _check(y, x, p, bias)
+
+
+@needs_native
 @settings(max_examples=30, deadline=None)
 @given(
     m=st.integers(1, 72),

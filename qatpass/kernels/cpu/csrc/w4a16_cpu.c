@@ -27,8 +27,9 @@
 // bit (make_dec; vdivps where the table's range condition fails).
 // Asymmetric tables hold up to four groups (vpermt2w, 64 entries, the group in index bits 4-5).
 //
-// Paths: M = 1 streams four weight rows at once (one from each quarter of N: four streams,
-// measured faster than two; two adjacent rows were slower still); M > 1 decodes a weight block
+// Paths: M <= 4 streams four weight rows at once (one from each quarter of N: four streams,
+// measured faster than two; two adjacent rows were slower still), each block decoded once for
+// every row of x, with the same sum order as M = 1; M > 4 decodes a weight block
 // once per tile of up to MT rows of x and two weight rows; `qp_w4a16_gemm_bf16` (larger M, see
 // its section) decodes the weight once per call into strips for a register-blocked GEMM. Rows n
 // are split across OpenMP threads; each output's sum has a fixed order, so results do not
@@ -44,8 +45,8 @@
 #include <string.h>
 
 #define KB 128               // weights per block (64 bytes of nibbles)
-#define NS 4                 // weight rows streamed at once when M == 1 (one per slice of N)
-_Static_assert(NS == 4, "m1_rows dispatches 1 to 4 rows");
+#define NS 4                 // weight rows streamed at once when M <= MS (one per slice of N)
+#define MS 4                 // rows of x that share the four streams (small-batch decode)
 #define MT 8                 // rows of x per pass over a weight block (accumulators in registers)
 #define RB 64                // weight rows per block of work (one OpenMP task) when M > 1
 #define X_TILE_BYTES 16384   // arranged x kept in L1 while a block of weight rows streams past
@@ -388,16 +389,18 @@ static inline __m512 dot_block(const __m512bh wv[4], const uint16_t* xb) {
   return _mm512_dpbf16_ps(s, wv[3], (__m512bh)_mm512_loadu_si512(xb + 96));
 }
 
-// M = 1, blocks [b0, b0 + nb) of ns rows into acc; FP4: one chunk of blocks, its 16 scales per
-// row decoded first (`whole`: all 16 lie inside the row, so a constant mask, measured faster).
+// M <= MS, blocks [b0, b0 + nb) of the NS rows against the mt rows of arranged x into acc; FP4:
+// one chunk of blocks, its 16 scales per row decoded first (`whole`: all 16 lie inside the row,
+// so a constant mask, measured faster). Each weight block is decoded once for all mt rows.
 static inline __attribute__((always_inline)) void m1_blocks(const uint16_t* x, const Row* rows,
-                                                            const Dec* d, __m512* acc, int64_t b0,
-                                                            const int nb, const int ns,
-                                                            const int kind, const int asym,
-                                                            const int gpb, const int whole) {
+                                                            const Dec* d, __m512 (*acc)[MS],
+                                                            int64_t b0, const int nb,
+                                                            const int mt, const int kind,
+                                                            const int asym, const int gpb,
+                                                            const int whole) {
   __m512 held[NS];
   if (IS_FP4(kind))
-    for (int j = 0; j < ns; ++j)
+    for (int j = 0; j < NS; ++j)
       held[j] = whole ? scales16(rows[j].s, kind, first_group(d, b0, gpb), 0xFFFF, d)
                       : fp4_scales(&rows[j], d, b0, kind, gpb);
 #pragma GCC unroll 4
@@ -406,33 +409,37 @@ static inline __attribute__((always_inline)) void m1_blocks(const uint16_t* x, c
     const __mmask16 gm = b == d->blocks - 1 ? d->tail_groups : d->full_groups;
     const uint16_t* xb = x + b * KB;
     const __m512i lanes = _mm512_add_epi32(d->lane_grp, _mm512_set1_epi32(c * gpb));
-    for (int j = 0; j < ns; ++j) {
+    for (int j = 0; j < NS; ++j) {
       __m512bh wv[4];
       decode_block(&rows[j], d, b, wv, asym, gpb);
       const __m512 sv = IS_FP4(kind) ? _mm512_permutexvar_ps(lanes, held[j])
                                      : block_scales(&rows[j], d, b, 0, gm, NULL, kind, gpb);
-      acc[j] = _mm512_fmadd_ps(dot_block(wv, xb), sv, acc[j]);
+      for (int i = 0; i < mt; ++i)
+        acc[j][i] = _mm512_fmadd_ps(dot_block(wv, xb + i * d->blocks * KB), sv, acc[j][i]);
     }
   }
 }
 
-// M = 1: ns rows (one from each of NS slices of the weight) at once: ns memory streams and ns
-// independent chains, sharing each load of x. No software prefetch: the hardware prefetchers
-// follow the streams (the measured time was lower without). FP4 goes by chunks of blocks
-// (fp4_chunk), the last one, where the row's scales end, on its own.
+// M <= MS: NS rows (one from each of NS slices of the weight) at once: NS memory streams and
+// NS x mt independent chains. No software prefetch: the hardware prefetchers follow the streams
+// (the measured time was lower without). FP4 goes by chunks of blocks (fp4_chunk), the last one,
+// where the row's scales end, on its own. Each output's sum runs in the same order at every mt,
+// so a row of x gets the same bits alone (M = 1) as in a small batch.
 static inline __attribute__((always_inline)) void rows_m1(const uint16_t* x, const Row* rows,
-                                                          const Dec* d, float* out, const int ns,
-                                                          const int kind, const int asym,
-                                                          const int gpb) {
+                                                          const Dec* d, float (*out)[MS],
+                                                          const int mt, const int kind,
+                                                          const int asym, const int gpb) {
   const int per = IS_FP4(kind) ? fp4_chunk(gpb) : 1;
   const int64_t whole = IS_FP4(kind) ? d->groups / 16 * per : d->blocks;  // in whole chunks
-  __m512 acc[NS];
-  for (int j = 0; j < ns; ++j) acc[j] = _mm512_setzero_ps();
+  __m512 acc[NS][MS];
+  for (int j = 0; j < NS; ++j)
+    for (int i = 0; i < mt; ++i) acc[j][i] = _mm512_setzero_ps();
   int64_t b0 = 0;
-  for (; b0 < whole; b0 += per) m1_blocks(x, rows, d, acc, b0, per, ns, kind, asym, gpb, 1);
+  for (; b0 < whole; b0 += per) m1_blocks(x, rows, d, acc, b0, per, mt, kind, asym, gpb, 1);
   if (b0 < d->blocks)
-    m1_blocks(x, rows, d, acc, b0, (int)(d->blocks - b0), ns, kind, asym, gpb, 0);
-  for (int j = 0; j < ns; ++j) out[j] = _mm512_reduce_add_ps(acc[j]);
+    m1_blocks(x, rows, d, acc, b0, (int)(d->blocks - b0), mt, kind, asym, gpb, 0);
+  for (int j = 0; j < NS; ++j)
+    for (int i = 0; i < mt; ++i) out[j][i] = _mm512_reduce_add_ps(acc[j][i]);
 }
 
 // nr (1 or 2) weight rows against mt rows of arranged x, blocks [b0, b1): adds the sums to
@@ -469,25 +476,31 @@ static inline void store_out(void* y, int out_kind, int64_t i, float v) {
   else ((uint16_t*)y)[i] = to_bf16(v);
 }
 
-// M = 1, rows i + j * slice for j < NS (the OpenMP loops live in the BODY functions below, so
-// that the compile-time kind / asym / gpb reach the outlined loop bodies).
+// M <= MS, weight rows i + j * slice for j < NS (the OpenMP loops live in the BODY functions
+// below, so that the compile-time kind / asym / gpb reach the outlined loop bodies). Past N (the
+// last slice's tail) a stream repeats row i, whose extra sums are not stored.
 static inline __attribute__((always_inline)) void m1_rows(
     const uint16_t* x, const uint8_t* qweight, const void* scales, const int8_t* zeros,
-    const Dec* d, const float* bias, void* y, int out_kind, int64_t n, int64_t slice, int64_t i,
-    const int kind, const int asym, const int gpb) {
+    const Dec* d, const float* bias, void* y, int out_kind, int64_t m, int64_t n, int64_t slice,
+    int64_t i, const int kind, const int asym, const int gpb) {
   Row rows[NS];
-  float out[NS];
+  float out[NS][MS];
   int ns = 0;
-  for (int j = 0; j < NS && i + j * slice < n; ++j, ++ns)
-    rows[j] = row_at(qweight, scales, zeros, i + j * slice, d, kind);
-  switch (ns) {
-#define M1(T) \
+  for (int j = 0; j < NS; ++j) {
+    const int real = i + j * slice < n;
+    ns += real;
+    rows[j] = row_at(qweight, scales, zeros, real ? i + j * slice : i, d, kind);
+  }
+  switch (m) {
+#define MR(T) \
   case T: rows_m1(x, rows, d, out, T, kind, asym, gpb); break;
-    M1(1) M1(2) M1(3) M1(4)
-#undef M1
+    MR(1) MR(2) MR(3) MR(4)
+#undef MR
   }
   for (int j = 0; j < ns; ++j)
-    store_out(y, out_kind, i + j * slice, out[j] + (bias ? bias[i + j * slice] : 0.0f));
+    for (int64_t r = 0; r < m; ++r)
+      store_out(y, out_kind, r * n + i + j * slice,
+                out[j][r] + (bias ? bias[i + j * slice] : 0.0f));
 }
 
 // M > 1: weight rows [RB * blk, RB * blk + RB) against all rows of x, MT at a time.
@@ -533,11 +546,11 @@ typedef void (*BodyFn)(const uint16_t*, const uint8_t*, const void*, const int8_
   static void body_##KIND##_##ASYM##_##GPB(const uint16_t* x, const uint8_t* q, const void* s, \
                                            const int8_t* z, const Dec* d, const float* bias,   \
                                            void* y, int ok, int64_t m, int64_t n, int nt) {    \
-    if (m == 1) {                                                                              \
+    if (m <= MS) {                                                                             \
       const int64_t slice = (n + NS - 1) / NS;                                                 \
       _Pragma("omp parallel for num_threads(nt) schedule(static)")                            \
       for (int64_t i = 0; i < slice; ++i)                                                      \
-        m1_rows(x, q, s, z, d, bias, y, ok, n, slice, i, KIND, ASYM, GPB);                     \
+        m1_rows(x, q, s, z, d, bias, y, ok, m, n, slice, i, KIND, ASYM, GPB);                  \
       return;                                                                                  \
     }                                                                                          \
     const int64_t nblocks = (n + RB - 1) / RB;                                                 \
