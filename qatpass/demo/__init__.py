@@ -1,4 +1,4 @@
-"""`qatpass demo`: the QAT vs PTQ accuracy study, both parts, on a CPU in about a quarter of an hour.
+"""`qatpass demo`: the QAT vs PTQ accuracy study, both parts, on a CPU in under half an hour.
 
     qatpass demo [--quick] [--out DIR] [--model DIR] [--part a|b|both]
                  [--compiler aot_eager|inductor] [--threads N] [--seed N]

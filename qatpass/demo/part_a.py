@@ -52,9 +52,9 @@ NEAR_TIE_GAP = 0.003  # a top-1/top-2 cosine gap below this is a near tie
 
 @dataclass(frozen=True)
 class PartARecipe:
-    steps: int = 500
+    steps: int = 650
     batch: int = 32
-    lr: float = 1e-4
+    lr: float = 5e-5
     warmup: float = 0.1  # share of steps
     max_len: int = 32  # training sentences are truncated to this many tokens
     embed_weight: float = 100.0  # weight of (1 - cos) next to the hidden-state MSE
