@@ -444,10 +444,15 @@ def main(argv: list[str] | None = None) -> dict:
         "cuda": run_cuda_rows(),
     }
     result["loadavg_after"] = os.getloadavg()
+    return emit(result, args.out)
+
+
+def emit(result: dict, out: Path | None) -> dict:
+    """Write the run's JSON to `out` (its folder made), else print it; returns `result`."""
     text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
     else:
         print(text)
     return result

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import re
 import statistics
@@ -136,13 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     result = {"torch": torch.__version__, "read_bw_gbps": bw, "rows": rows,
               "loadavg": os.getloadavg(), "binary": str(args.test_backend_ops)}  # fmt: skip
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    else:
-        print(text)
-    return result
+    return lin.emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,17 @@ import pytest
 from qatpass.kernels.cpu.native import kernel_unavailable_reason
 
 
-def _module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "linear.py"
-    spec = importlib.util.spec_from_file_location("qatpass_bench_linear", path)
+def _benchmark(name: str):
+    """benchmarks/<name>.py as a module."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"qatpass_bench_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
 
 
-lin = _module()
+lin = _benchmark("linear")
 
 
 def test_rounds_alternate_their_order_so_each_variant_follows_every_other():
@@ -52,15 +53,6 @@ def test_m1_rows_report_the_paired_read(tmp_path):
     assert out.exists()
 
 
-def _llama_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "llama_cpp_q4_0.py"
-    spec = importlib.util.spec_from_file_location("qatpass_bench_llama_cpp", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_llama_cpp_rows_are_parsed_from_test_backend_ops_output():
     text = (
         "  MUL_MAT(type_a=q4_0,type_b=f32,m=4096,n=1,k=14336,bs=[1,1],nr=[1,1],per=[0,1,2,3],"
@@ -69,7 +61,7 @@ def test_llama_cpp_rows_are_parsed_from_test_backend_ops_output():
         "  MUL_MAT(type_a=q8_0,type_b=f32,m=4096,n=1,k=14336,bs=[1,1]):  300 runs -  5000.00 us/run\n"
         "  MUL_MAT(type_a=q4_0,type_b=f32,m=4096,n=1,k=4096,bs=[1,1]):   900 runs -  1000.00 us/run\n"
     )
-    rows = _llama_module().parse(text)
+    rows = _benchmark("llama_cpp_q4_0").parse(text)
     assert sorted(rows) == [1, 8]  # other types and shapes are left out
     assert rows[1]["us"] == 4333.66 and rows[1]["runs"] == 276
     assert rows[8]["us"] == 11252.0

@@ -47,8 +47,9 @@
 #define KB 128               // weights per block (64 bytes of nibbles)
 #define NS 4                 // weight rows streamed at once when M <= MS (one per slice of N)
 #define MS 4                 // rows of x that share the four streams (small-batch decode)
+_Static_assert(MS == 4, "m1_rows dispatches 1 to 4 rows of x");
 #define MT 8                 // rows of x per pass over a weight block (accumulators in registers)
-#define RB 64                // weight rows per block of work (one OpenMP task) when M > 1
+#define RB 64                // weight rows per block of work (one OpenMP task) when M > MS
 #define X_TILE_BYTES 16384   // arranged x kept in L1 while a block of weight rows streams past
 #define PREFETCH_BYTES 1024 // weights requested this far ahead on each stream
 #define SMALL_X_BYTES (1 << 20)  // arranged x up to this size lives in a per-thread buffer
@@ -503,7 +504,7 @@ static inline __attribute__((always_inline)) void m1_rows(
                 out[j][r] + (bias ? bias[i + j * slice] : 0.0f));
 }
 
-// M > 1: weight rows [RB * blk, RB * blk + RB) against all rows of x, MT at a time.
+// M > MS: weight rows [RB * blk, RB * blk + RB) against all rows of x, MT at a time.
 static inline __attribute__((always_inline)) void tile_rows(
     const uint16_t* x, const uint8_t* qweight, const void* scales, const int8_t* zeros,
     const Dec* d, const float* bias, void* y, int out_kind, int64_t m, int64_t n, int64_t blk,
