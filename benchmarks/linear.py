@@ -158,6 +158,52 @@ def paired_pct(kernel_s: list[float], read_s: list[float]) -> dict:
     return {"median": q[1], "q1": q[0], "q3": q[2]}
 
 
+def call_overhead_us(threads: int, calls: int = 20000, repeats: int = 5) -> dict:
+    """What a `W4A16Linear` call costs beyond its kernel, in us: the module called on a 256 x 256
+    group-32 weight at M = 1 (bf16 x, the kernel's work about 1 us) against the same C function
+    called through ctypes on ready pointers, the fastest of `repeats` loops of `calls` calls each
+    (the Python dispatch, argument checks and output allocation are what remain)."""
+    from qatpass.kernels.cpu import native
+    from qatpass.lowering.modules import W4A16Linear
+    from qatpass.scheme import Int4Scheme
+
+    lib = native.library()
+    if lib is None:
+        return {"threads": threads, "skipped": native.kernel_unavailable_reason()}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        module = W4A16Linear.from_linear(nn.Linear(256, 256, bias=False), Int4Scheme())
+        x = torch.randn(1, 256).bfloat16()
+        y = torch.empty(1, 256, dtype=torch.bfloat16)
+        args = (x.data_ptr(), 256, module.qweight.data_ptr(), module.scales.data_ptr(), 0, 1.0,
+                None, None, y.data_ptr(), 0, 1, 256, 256, 32, threads)  # fmt: skip
+        fns = {"module": lambda: module(x), "c_call": lambda: lib.qp_w4a16_bf16(*args)}
+        best = {}
+        with torch.no_grad():
+            for name, fn in fns.items():
+                for _ in range(calls // 10):
+                    fn()
+                loops = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    loops.append((time.perf_counter() - t0) / calls * 1e6)
+                best[name] = min(loops)
+            if not torch.equal(module(x), y):
+                raise AssertionError("call_overhead_us: the direct call computed something else")
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        "threads": threads,
+        "module_us": best["module"],
+        "c_call_us": best["c_call"],
+        "overhead_us": best["module"] - best["c_call"],
+    }
+
+
 def _torchao(linear: nn.Linear, kind: str, group_size: int) -> nn.Module:
     from torchao.quantization import (
         Int4WeightOnlyConfig,
@@ -428,6 +474,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "cold": not args.warm,
         "native_kernel": kernel_unavailable_reason() or "available",
+        "call_overhead": [call_overhead_us(t, 2000 if args.quick else 20000) for t in threads],
         "variants": list(variants),
         "llama_cpp_q4_0": LLAMA_CPP,
         "loadavg": os.getloadavg(),

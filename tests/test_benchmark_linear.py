@@ -50,6 +50,8 @@ def test_m1_rows_report_the_paired_read(tmp_path):
     assert q1 <= rows[1]["qatpass_pct_of_paired_read"] <= q3
     assert "read_ms" not in rows[4] and "qatpass_pct_of_paired_read" not in rows[4]
     assert rows[1]["qatpass_max_abs_diff_vs_dequant_ref"] < 0.05
+    (overhead,) = result["call_overhead"]
+    assert overhead["threads"] == 1 and 0 < overhead["c_call_us"] < overhead["module_us"]
     assert out.exists()
 
 

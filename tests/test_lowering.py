@@ -69,6 +69,39 @@ def test_cpu_fast_path(m, group_size, dtype, has_bias):
     assert rel < 4 * (2**-9 if dtype == torch.bfloat16 else 2**-12)
 
 
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3)])
+def test_module_call_skips_the_dispatcher_only_where_nothing_watches(lead):
+    """In eager CPU inference a module call goes straight to `kernels.cpu.linear`; under a
+    dispatch mode, or with autograd on, it goes through the op, and the results are the same
+    bits either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    lin = nn.Linear(256, 64).to(torch.bfloat16)
+    module = W4A16Linear.from_linear(lin, Int4Scheme())
+    x = torch.randn(*lead, 256).bfloat16()
+    seen = []
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        direct = module(x)
+        with Seen():
+            watched = module(x)
+    assert any(name.startswith("qatpass.w4a16_linear") for name in seen), seen
+    xg = x.clone().requires_grad_(True)
+    graded = module(xg)
+    assert graded.grad_fn is not None
+    assert direct.shape == (*lead, 64)
+    assert torch.equal(direct, watched) and torch.equal(direct, graded.detach())
+    ref = torch.ops.qatpass.w4a16_linear(
+        x, module.qweight, module.scales, None, module.bias, group_size=32
+    )
+    assert torch.equal(direct, ref)
+
+
 @pytest.mark.usefixtures("no_native_kernel")
 def test_cpu_fast_path_is_exact_at_small_m():
     """At M=1 the kernel's fp32 dot rounded once equals the fp32 reference rounded once."""

@@ -125,13 +125,18 @@ def _linear_on_cpu(x, qweight, scales, zeros, bias, group_size: int) -> torch.Te
 
 
 def _eager_cpu_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """True when a module call may skip the op wrapper: CPU x, not tracing, no autograd."""
+    """True when a module call may skip the dispatcher: a plain CPU tensor x, not tracing, no
+    autograd, no torch function or dispatch mode active (those must see the op)."""
+    if type(x) is not torch.Tensor or x.device.type != "cpu":
+        return False
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
         return False
     grad = torch.is_grad_enabled() and (
         x.requires_grad or (bias is not None and bias.requires_grad)
     )
-    return not grad and x.device.type == "cpu"
+    return not grad
 
 
 def linear(
@@ -144,12 +149,18 @@ def linear(
     group_size: int,
 ) -> torch.Tensor:
     """`w4a16_linear` as modules call it: in eager mode on CPU without autograd, straight to the
-    CPU body (the same kernels, minus the triton_op wrapper's ~30 us per call); else the op."""
+    CPU body `kernels.cpu.linear`, which validates (the same kernels, minus the triton_op
+    wrapper's ~30 us and the dispatcher's ~5 us per call); else the op."""
     if not _eager_cpu_inference(x, bias):
         return torch.ops.qatpass.w4a16_linear(
             x, qweight, scales, zeros, bias, group_size=group_size
         )
-    return _linear_on_cpu(x, qweight, scales, zeros, bias, group_size)
+    if x.dim() == 2:
+        return _cpu_linear(x, qweight, scales, zeros, bias, group_size=group_size)
+    if x.dim() < 1:
+        raise ValueError("w4a16_linear: x must be a tensor [..., K]")
+    y = _cpu_linear(x.reshape(-1, x.shape[-1]), qweight, scales, zeros, bias, group_size=group_size)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 @torch.library.triton_op("qatpass::w4a16_grouped_linear", mutates_args=())
