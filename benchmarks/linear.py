@@ -30,7 +30,11 @@ M=1 row reports each variant's bytes streamed per second (`<variant>_gbps`: the 
 qweight + scales (+ zeros), for qatpass; 2 bytes/weight for bf16) and that as a share of the
 probe (`<variant>_pct_of_read_bw`). At M=1 a `read` of the packed weight's bytes also runs in
 every round, beside each qatpass call: `qatpass_pct_of_paired_read` is the median over rounds of
-read time / kernel time (quartiles in `_iqr`), the limit measured at the same moment. Each row is
+read time / kernel time (quartiles in `_iqr`), the limit measured at the same moment. From
+GEMM_ROWS_FROM rows the limit is the multiply-adds: each thread count times the native library's
+register-only vdpbf16ps loop (`dot_peak_gflops`), and those rows report bf16's and qatpass's
+GFLOPS (2 M N K / time) and their share of it (`<variant>_pct_of_dot_peak`). `call_overhead`
+times what a module call costs beyond the C function it calls (`call_overhead_us`). Each row is
 also printed as one readable line (`summary`).
 llama.cpp's Q4_0 is timed by `benchmarks/llama_cpp_q4_0.py` (`LLAMA_CPP`).
 
@@ -71,6 +75,7 @@ LLAMA_CPP = (
     "exposes ggml's matmul to Python; its sdist's vendored llama.cpp builds that binary)"
 )
 PROBE_BYTES = 256 * 2**20
+GEMM_ROWS_FROM = 16  # rows of x from which a row reports GFLOPS against the vdpbf16ps peak
 
 
 def read_bw(threads: int, nbytes: int = PROBE_BYTES, repeats: int = 5) -> float:
@@ -87,6 +92,23 @@ def read_bw(threads: int, nbytes: int = PROBE_BYTES, repeats: int = 5) -> float:
     finally:
         torch.set_num_threads(previous)
     return nbytes / best / 1e9
+
+
+def dot_peak_gflops(threads: int, iters: int = 20_000_000, repeats: int = 3) -> float | None:
+    """The compute limit of the batched rows, GFLOPS on `threads` threads: the native library's
+    register-only vdpbf16ps loop (`qp_bf16_dot_peak`: 12 independent accumulators, 64 flops an
+    instruction), best of `repeats`; None without the native kernel."""
+    from qatpass.kernels.cpu.native import library
+
+    lib = library()
+    if lib is None:
+        return None
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        lib.qp_bf16_dot_peak(iters, threads)
+        best = min(best, time.perf_counter() - t0)
+    return threads * iters * 12 * 64 / best / 1e9
 
 
 def llc_bytes() -> int:
@@ -243,6 +265,7 @@ def _shape_rows(
     cold: bool,
     variants: tuple[str, ...] = VARIANTS,
     read_bw_gbps: float | None = None,
+    peak_gflops: float | None = None,
 ) -> list[dict]:
     import qatpass
     from qatpass.kernels.cpu.int4pack import _REPACKS, dequant_linear
@@ -354,6 +377,13 @@ def _shape_rows(
                     best = nbytes / (row[f"{key}_min_ms"] * 1e-3) / 1e9  # the fastest call
                     row[f"{key}_gbps_best"] = best
                     row[f"{key}_pct_of_read_bw_best"] = 100 * best / read_bw_gbps
+        if m >= GEMM_ROWS_FROM and peak_gflops:  # the limit there is the multiply-adds
+            row["dot_peak_gflops"] = peak_gflops
+            for key in ("bf16", "qatpass"):
+                if row.get(f"{key}_ms"):
+                    gflops = 2 * m * n * k / (row[f"{key}_ms"] * 1e-3) / 1e9
+                    row[f"{key}_gflops"] = gflops
+                    row[f"{key}_pct_of_dot_peak"] = 100 * gflops / peak_gflops
         row["packed_bytes_over_bf16"] = packed.nbytes() / bf16_bytes
         row["resident_bytes_over_bf16"] = resident(fast) / bf16_bytes
         row["aten_resident_bytes_over_bf16"] = resident(aten) / bf16_bytes
@@ -393,6 +423,12 @@ def summary(row: dict) -> str:
             f"(fastest {row['qatpass_gbps_best']:.1f} = {row['qatpass_pct_of_read_bw_best']:.0f}%)"
             f" of {row['read_bw_gbps']:.1f} GB/s read"
         )
+    if row.get("qatpass_pct_of_dot_peak"):
+        text += (
+            f" | {row['qatpass_gflops']:.0f} GFLOPS = {row['qatpass_pct_of_dot_peak']:.0f}% "
+            f"(bf16 {row['bf16_pct_of_dot_peak']:.0f}%) of the {row['dot_peak_gflops']:.0f} "
+            "GFLOPS vdpbf16ps peak"
+        )
     if row.get("qatpass_pct_of_paired_read"):
         q1, q3 = row["qatpass_pct_of_paired_read_iqr"]
         text += (
@@ -417,10 +453,12 @@ def run_cpu(
     for t in threads:
         torch.set_num_threads(t)
         bw = read_bw(t)
-        print(json.dumps({"threads": t, "read_bw_gbps": bw}), file=sys.stderr, flush=True)
+        peak = dot_peak_gflops(t) if max(ms) >= GEMM_ROWS_FROM else None
+        print(json.dumps({"threads": t, "read_bw_gbps": bw, "dot_peak_gflops": peak}),
+              file=sys.stderr, flush=True)  # fmt: skip
         for g in group_sizes:
             for n, k in shapes:
-                rows += _shape_rows(n, k, g, ms, repeats, budget_s, cold, variants, bw)
+                rows += _shape_rows(n, k, g, ms, repeats, budget_s, cold, variants, bw, peak)
     return rows
 
 

@@ -55,6 +55,18 @@ def test_m1_rows_report_the_paired_read(tmp_path):
     assert out.exists()
 
 
+@pytest.mark.skipif(kernel_unavailable_reason() is not None, reason="no native CPU kernel")
+def test_batched_rows_report_their_share_of_the_dot_peak():
+    result = lin.main(["--quick", "--threads", "1", "--group-sizes", "32", "--variants",
+                       "bf16,qatpass", "--ms", "16", "--repeats", "3", "--budget-s", "0.05"])  # fmt: skip
+    (row,) = result["cpu"]
+    assert row["dot_peak_gflops"] > 0
+    for key in ("bf16", "qatpass"):
+        want = 2 * 16 * row["N"] * row["K"] / (row[f"{key}_ms"] * 1e-3) / 1e9
+        assert row[f"{key}_gflops"] == pytest.approx(want)
+        assert row[f"{key}_pct_of_dot_peak"] == pytest.approx(100 * want / row["dot_peak_gflops"])
+
+
 def test_llama_cpp_rows_are_parsed_from_test_backend_ops_output():
     text = (
         "  MUL_MAT(type_a=q4_0,type_b=f32,m=4096,n=1,k=14336,bs=[1,1],nr=[1,1],per=[0,1,2,3],"

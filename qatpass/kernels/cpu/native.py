@@ -101,6 +101,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qp_w4a16_gemm_bf16.argtypes = lib.qp_w4a16_bf16.argtypes
     lib.qp_w4a16_gemm_bf16.restype = _INT
     lib.qp_gemm_supported.restype = _INT
+    lib.qp_bf16_dot_peak.argtypes = [_I64, _INT]
+    lib.qp_bf16_dot_peak.restype = _F32
 
 
 _disabled_depth = 0
