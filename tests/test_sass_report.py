@@ -1,4 +1,5 @@
-"""The static kernel report's CI gate: no spills, 128-bit weight loads, GEMV within its budgets.
+"""The static kernel report's CI gate: no spills, 128-bit weight loads, GEMV and swapped GEMM
+within their budgets.
 
 Runs `benchmarks/sass_report.py --quick` (a representative subset of the benchmark cases: every
 kernel family and both group paths, INT4 on sm_90 and its GEMV on sm_100, the FP4 formats on
@@ -125,3 +126,14 @@ def test_small_m_gemm_swaps_operands_onto_wgmma_from_registers(report):
         assert r["config"]["BLOCK_K"] == 128 and r["spill_bytes"] == 0, r
     large = [r for r in _rows(report, "gemm") if r["m"] > 64 and r["arch"] == 90]
     assert large and not any(r["config"].get("SWAP") for r in large)
+
+
+def test_small_m_gemm_packed_dequant_within_budget(report):
+    """The swapped INT4 GEMM's main loop with 16-bit scales (the report's: bf16), the GEMV's
+    packed dequant in a permuted K order: within sass_report.SWAP_GEMM_INSTR_PER_WEIGHT (5)
+    instructions per weight, M = 17 and 64 (6.2-7.6 in the fp32 form it replaced)."""
+    budget = report["budgets"]["swap_gemm_instr_per_weight"]
+    swapped = [r for r in _rows(report, "w4a16_gemm") if r["config"].get("SWAP")]
+    assert {r["m"] for r in swapped} >= {17, 64}
+    for r in swapped:
+        assert r["instr_per_weight"] <= budget, (r["instr_per_weight"], r["m"], r["config"])

@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import qatpass
 from qatpass.kernels.triton import (
@@ -195,6 +197,161 @@ def test_swapped_gemm_plan_for_small_m():
     assert not plan.plan_gemm(plan.GEMM_SWAP_MAX_M + 1, 4096, 4096, 32, 132).swap
     assert not plan.plan_fp4_gemm(32, 4096, 4096, 32, 132).swap
     assert plan.plan_gemm(32, 4096, 4096, 96, 132).block_k == 32  # 96: no power of two spans
+
+
+TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _bits16(t: torch.Tensor) -> torch.Tensor:
+    """16-bit floats' bits as int64 in [0, 2**16)."""
+    return t.view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def _halves(r: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The two 16-bit floats (low, high) of int64 registers r, as float64."""
+    return [((r >> sh) & 0xFFFF).to(torch.int16).view(dtype).double() for sh in (0, 16)]
+
+
+def _run_packed_dequant_ptx(asm: str, regs: dict, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Interpret gemv._dequant_asm's PTX on int64 tensors of 32-bit registers (the word, scale
+    and offset pairs under their $ names): shr / lop3 0xea on 32 bits, the packed sub / mul
+    exact in float64 and rounded once to dtype (the products are exact: a double rounding
+    would show up as a mismatch). Returns t0..t3."""
+    regs = dict(regs)
+    ty = "bf16x2" if dtype == torch.bfloat16 else "f16x2"
+
+    def val(a: str):
+        return regs[a] if a in regs else int(a, 0)
+
+    for ins in asm.split(";"):
+        op, _, rest = ins.strip().partition(" ")
+        args = [a.strip() for a in rest.split(",")]
+        if op == "shr.u32":
+            regs[args[0]] = val(args[1]) >> val(args[2])
+        elif op == "lop3.b32":
+            assert val(args[4]) == 0xEA  # (a & b) | c
+            regs[args[0]] = (val(args[1]) & val(args[2])) | val(args[3])
+        elif op in (f"sub.rn.{ty}", f"mul.rn.{ty}"):
+            a, b = _halves(val(args[1]), dtype), _halves(val(args[2]), dtype)
+            f = (lambda u, v: u - v) if op.startswith("sub") else (lambda u, v: u * v)
+            lo, hi = (_bits16(f(u, v).to(dtype)) for u, v in zip(a, b, strict=True))
+            regs[args[0]] = lo | (hi << 16)
+        else:
+            assert op == "" or op.startswith("{") or op == "}", f"unexpected PTX {ins!r}"
+    return [regs[f"t{j}"] for j in range(4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_dequant_ptx_is_the_rounded_reference(dtype):
+    """The GEMM's (and GEMV's) packed PTX dequant, interpreted (the interpreter never runs
+    inline PTX): t_j = (w(nibble j), w(nibble j + 4)) with w = round_dtype((code - zero) *
+    scale) bit for bit, for every nibble in every position, every zero in [-8, 7], and scales
+    across the dtype's range (subnormal, tiny, large: overflow to inf as the reference)."""
+    big, tiny = (2.0**120, 2.0**-133) if dtype == torch.bfloat16 else (4096.0, 2.0**-24)
+    scales = torch.tensor([1.0, -0.013671875, 0.0377, 2.0**-14, tiny, 3 * tiny, big, -big])
+    scales = scales.to(dtype)
+    words = torch.tensor([sum(((v + 3 * j) % 16) << (4 * j) for j in range(8)) for v in range(16)])
+    s, z, w = torch.meshgrid(torch.arange(len(scales)), torch.arange(-8, 8), words, indexing="ij")
+    s, z, w = s.flatten(), z.flatten(), w.flatten()
+    magic = 0x4308 if dtype == torch.bfloat16 else 0x6408  # gemv._packed_consts
+    regs = {"$4": w, "$5": _bits16(scales[s]) * 0x10001, "$6": (z + magic) * 0x10001}
+    t = _run_packed_dequant_ptx(gemv._dequant_asm(TL_DTYPES[dtype], 4, 5, 6), regs, dtype)
+    for j in range(4):
+        for half, nib in ((0, j), (1, j + 4)):
+            code = ((w >> (4 * nib)) & 0xF) - 8 - z
+            want = _bits16((code.float() * scales[s].float()).to(dtype))
+            assert torch.equal((t[j] >> (16 * half)) & 0xFFFF, want), (j, half)
+
+
+@triton.jit
+def _packed_tile_kernel(qbytes_ptr, scales_ptr, zeros_ptr, x_ptr, words_out, s2_out, c2_out,
+                        t_ptr, w_out, x_out, k0, N, K, stride_qn, stride_sn, stride_zn,
+                        GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, EVEN_K: tl.constexpr,
+                        STAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):  # fmt: skip
+    """STAGE 0: gemm.packed_operands of the tile at k0, stored [BN, BK/8] each; STAGE 1: the
+    packed dequant's registers t [4, BN, BK/8] and x [BM, BK] in gemm's packed K order."""
+    BKW: tl.constexpr = BLOCK_K // 8
+    offs_n = tl.arange(0, BLOCK_N)
+    at = offs_n[:, None] * BKW + tl.arange(0, BKW)[None, :]
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    if STAGE == 0:
+        words, s2, c2 = gemm.packed_operands(
+            qbytes_ptr, scales_ptr, zeros_ptr, offs_n, k0, N, K, stride_qn, stride_sn,
+            stride_zn, GROUP_SIZE, HAS_ZEROS, EVEN_K, dtype, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        tl.store(words_out + at, tl.reshape(words, (BLOCK_N, BKW)))
+        tl.store(s2_out + at, tl.reshape(s2, (BLOCK_N, BKW)))
+        tl.store(c2_out + at, tl.reshape(c2, (BLOCK_N, BKW)))
+    else:
+        t0 = tl.load(t_ptr + at)
+        t1 = tl.load(t_ptr + BLOCK_N * BKW + at)
+        t2 = tl.load(t_ptr + 2 * BLOCK_N * BKW + at)
+        t3 = tl.load(t_ptr + 3 * BLOCK_N * BKW + at)
+        w = gemm.packed_k_order_w(t0, t1, t2, t3, dtype, BLOCK_N, BLOCK_K)
+        offs_k = tl.arange(0, BLOCK_K)
+        tl.store(w_out + offs_n[:, None] * BLOCK_K + offs_k[None, :], w)
+        offs_m = tl.arange(0, BLOCK_M)
+        x = tl.load(x_ptr + offs_m[:, None] * BLOCK_K + offs_k[None, :])
+        x = gemm.packed_k_order_x(x, BLOCK_M, BLOCK_K)
+        tl.store(x_out + offs_m[:, None] * BLOCK_K + offs_k[None, :], x)
+
+
+def _packed_k_order(block_k: int) -> torch.Tensor:
+    """gemm.packed_k_order_w's order: position 32 w' + 8 j + 2 t + e holds k = 8 (WPT t + w')
+    + j + 4 e, WPT = block_k / 32."""
+    wpt = block_k // 32
+    w_, j, t, e = torch.meshgrid(torch.arange(wpt), torch.arange(4), torch.arange(4),
+                                 torch.arange(2), indexing="ij")  # fmt: skip
+    return (8 * (wpt * t + w_) + j + 4 * e).flatten()
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter runs the packed path's Triton parts")
+@pytest.mark.parametrize(
+    ("k", "group_size", "block_k", "k0"),
+    [(256, 32, 128, 128), (192, 64, 128, 128), (384, 128, 128, 256), (256, 16, 64, 64),
+     (160, 32, 128, 128), (160, 32, 32, 128), (512, 256, 32, 288), (1024, 1024, 128, 896)],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    ("dtype", "scale_dtype"),
+    [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.bfloat16),
+     (torch.float16, torch.float16)],
+)  # fmt: skip
+def test_packed_gemm_tile_is_the_dequantized_weight_in_one_k_order(k, group_size, block_k, k0,
+                                                                   dtype, scale_dtype):  # fmt: skip
+    """The swapped GEMM's packed path without a GPU: the interpreter runs its Triton code
+    (operands, K order), the PTX between is interpreted (_run_packed_dequant_ptx). The tile
+    equals dequantize(p, dtype=x.dtype)'s columns k0 + order bit for bit, x's tile x's columns
+    in the same order (so the dot's sum over K is unchanged); rows past N and a K tail that
+    ends mid-tile included (masked words read as 0, with x 0 there)."""
+    n, bn, bm = 40, 64, 16
+    p, (qweight, scales, zeros) = _packed((n, k), group_size, False, scale_dtype)
+    ref = qatpass.dequantize(p, dtype=dtype)
+    x = torch.randn(bm, block_k, dtype=dtype)
+    bkw = block_k // 8
+    words, s2, c2 = (torch.zeros(bn, bkw, dtype=torch.int32) for _ in range(3))
+    t = torch.zeros(4, bn, bkw, dtype=torch.int32)
+    w_l, x_l = torch.zeros(bn, block_k, dtype=dtype), torch.zeros_like(x)
+    kw = dict(k0=k0, N=n, K=k, stride_qn=qweight.stride(0) * 4, stride_sn=scales.stride(0),
+              stride_zn=zeros.stride(0), GROUP_SIZE=group_size, HAS_ZEROS=True,
+              EVEN_K=k % block_k == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k)  # fmt: skip
+    args = (qweight.view(torch.uint8), scales, zeros, x, words, s2, c2, t, w_l, x_l)
+    _packed_tile_kernel[(1,)](*args, STAGE=0, **kw)
+    regs = {
+        f"${i}": r.to(torch.int64) & 0xFFFFFFFF
+        for i, r in zip((4, 5, 6), (words, s2, c2), strict=True)
+    }
+    asm = gemv._dequant_asm(TL_DTYPES[dtype], 4, 5, 6)
+    for j, tj in enumerate(_run_packed_dequant_ptx(asm, regs, dtype)):
+        t[j] = tj.to(torch.int32)  # wraps to the register's bits
+    _packed_tile_kernel[(1,)](*args, STAGE=1, **kw)
+    order = _packed_k_order(block_k)
+    assert sorted(order.tolist()) == list(range(block_k))
+    assert torch.equal(x_l, x[:, order])
+    cols = k0 + order
+    live = cols < k
+    assert torch.equal(_bits16(w_l[:n, live]), _bits16(ref[:, cols[live]]))
+    assert torch.isfinite(w_l.float()).all()
 
 
 def _check_gemv(y, x, p, bias=None):
@@ -637,6 +794,17 @@ COMPILE_SCRIPT = textwrap.dedent(
         compile_for_sm90(gemm.w4a16_gemm_kernel,
                          {**common, "SPLIT_K": 2, "EVEN_K": False, "DOT_FP32": False,
                           "SWAP": swap, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk})
+    # swapped: the packed dequant on fp16 x (bf16 scales), at BLOCK_K 32 and in one group;
+    # the fp32 form for fp32 scales
+    swapped = {**common, "SPLIT_K": 1, "DOT_FP32": False, "SWAP": True, "BLOCK_M": 64,
+               "BLOCK_N": 128}
+    for x_dtype, s_dtype, bk, group, even in (("*fp16", "*bf16", 128, 128, True),
+                                              ("*bf16", "*bf16", 32, 128, False),
+                                              ("*bf16", "*fp32", 128, 32, False)):
+        POINTERS.update(x_ptr=x_dtype, scales_ptr=s_dtype, out_ptr=x_dtype)
+        compile_for_sm90(gemm.w4a16_gemm_kernel,
+                         {**swapped, "GROUP_SIZE": group, "EVEN_K": even, "BLOCK_K": bk})
+    POINTERS.update(x_ptr="*bf16", scales_ptr="*bf16", out_ptr="*bf16")
     compile_for_sm90(gemv.w4a16_gemv_kernel,
                      {**common, "GROUP_SIZE": 128, "SPLIT_K": 2, "EVEN_K": False, **gemv_meta})
     compile_for_sm90(grouped.w4a16_grouped_kernel, {**common, "EVEN_K": False},

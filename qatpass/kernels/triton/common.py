@@ -4,8 +4,9 @@
 turn packed nibbles into weights as `qatpass.scheme.dequantize_codes` does: w = (code - zero)
 * scale in fp32, with code = nibble - 8 and the nibble of k at bits 4 * (k % 8) of int32 word
 k // 8, i.e. bits 4 * (k % 2) of byte k // 2: both read qweight as its uint8 [N, K/2] view.
-(The GEMV has its own word-wise dequant: gemv.py.) `launch` and `capture_launches` are the one
-way kernels are launched, and recorded for static analysis (benchmarks/sass_report.py).
+(The GEMV has its own word-wise dequant, gemv.py, which the swapped GEMM reuses for 16-bit
+scales: gemm.load_dequant_packed.) `launch` and `capture_launches` are the one way kernels are
+launched, and recorded for static analysis (benchmarks/sass_report.py).
 """
 
 from __future__ import annotations

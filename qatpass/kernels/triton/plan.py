@@ -194,9 +194,11 @@ GEMM_TILES = (
 # M side (64 or 128: Hopper's wgmma, M 64 a warpgroup, A dequantised in registers) and the x
 # rows its N (8..256 on wgmma), so a batch of 16-64 rows no longer runs m16 mma.sync tiles with
 # the weight tile through shared memory; BLOCK_K may span several groups (one scale per row and
-# group: common.load_dequant_rows). 128 weight rows a program (64 halved the waves and cost
-# 0.5-1 more instruction per weight in the static report); 8 warps above 32 rows (4 warps
-# spilled there with zero points at group 32).
+# group; 16-bit x and scales: gemm.load_dequant_packed, the packed 16-bit dequant, else
+# common.load_dequant_rows). 128 weight rows a program (64 halved the waves and cost 0.5-1
+# more instruction per weight in the static report); 8 warps above 32 rows (4 warps spilled
+# there with zero points at group 32 in the fp32 form; with the packed dequant 4 warps reach
+# 3.4-3.6 instructions per weight against 8 warps' 4.2-4.6, but at 230-255 registers).
 GEMM_SWAP_TILES = (
     (16, 16, 128, 128, 4, 4),
     (32, 32, 128, 128, 4, 3),
