@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+from ptx_interp import run_ptx
 
 from qatpass.kernels.triton import fp4, plan
 from qatpass.scheme import dequantize, quantize
@@ -140,50 +141,10 @@ def test_op_on_the_device_uses_the_triton_kernels():
 
 
 def _run_decode_ptx(asm: str, word: int, factor: int) -> list[int]:
-    """Interpret the decode part of fp4._fp4_mma_asm (everything before the first mma) on one
-    word ($1) and bf16 factor pair ($2): shl / shr / and / lop3 0xea / mov on 32 bits, and
-    mul.rn.bf16x2 in float64 rounded to bf16 (the products are exact: a rounding shows up as
-    a mismatch below). Returns t0..t3."""
-    regs = {"$1": word, "$2": factor}
-
-    def val(a: str) -> int:
-        return regs[a] if a in regs else int(a, 0)
-
-    def bf16(h: int) -> float:
-        return (
-            torch.tensor([h & 0xFFFF], dtype=torch.int32)
-            .to(torch.int16)
-            .view(torch.bfloat16)
-            .item()
-        )
-
-    for ins in asm.split("mma.sync")[0].split(";"):
-        op, _, rest = ins.strip().partition(" ")
-        args = [a.strip() for a in rest.split(",")]
-        if not args[0] or args[0][0] not in "tuc":
-            continue  # declarations, the mma operand zeros
-        a = [val(x) for x in args[1:]] if op != "mul.rn.bf16x2" else []
-        if op == "shl.b32":
-            regs[args[0]] = (a[0] << a[1]) & 0xFFFFFFFF
-        elif op == "shr.u32":
-            regs[args[0]] = a[0] >> a[1]
-        elif op == "and.b32":
-            regs[args[0]] = a[0] & a[1]
-        elif op == "lop3.b32":
-            assert a[3] == 0xEA  # (a & b) | c
-            regs[args[0]] = (a[0] & a[1]) | a[2]
-        elif op == "mov.b32":
-            regs[args[0]] = a[0]
-        elif op == "mul.rn.bf16x2":
-            x, y = val(args[1]), val(args[2])
-            halves = []
-            for sh in (0, 16):
-                prod = torch.tensor([bf16(x >> sh) * bf16(y >> sh)], dtype=torch.float64)
-                halves.append(prod.to(torch.bfloat16).view(torch.int16).item() & 0xFFFF)
-            regs[args[0]] = halves[0] | (halves[1] << 16)
-        else:
-            raise AssertionError(f"unexpected PTX {ins!r}")
-    return [regs[f"t{j}"] for j in range(4)]
+    """The decode part of fp4._fp4_mma_asm (everything before the first mma), interpreted on
+    one word ($1) and bf16 factor pair ($2) (`ptx_interp.run_ptx`). Returns t0..t3."""
+    regs = run_ptx(asm.split("mma.sync")[0], {"$1": word, "$2": factor})
+    return [int(regs[f"t{j}"]) for j in range(4)]
 
 
 def test_tensor_core_gemv_decode_ptx_gives_exact_bf16_weights():

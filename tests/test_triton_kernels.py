@@ -16,6 +16,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from ptx_interp import bits16, run_ptx
 
 import qatpass
 from qatpass.kernels.triton import (
@@ -202,43 +203,11 @@ def test_swapped_gemm_plan_for_small_m():
 TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def _bits16(t: torch.Tensor) -> torch.Tensor:
-    """16-bit floats' bits as int64 in [0, 2**16)."""
-    return t.view(torch.int16).to(torch.int64) & 0xFFFF
-
-
-def _halves(r: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The two 16-bit floats (low, high) of int64 registers r, as float64."""
-    return [((r >> sh) & 0xFFFF).to(torch.int16).view(dtype).double() for sh in (0, 16)]
-
-
-def _run_packed_dequant_ptx(asm: str, regs: dict, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Interpret gemv._dequant_asm's PTX on int64 tensors of 32-bit registers (the word, scale
-    and offset pairs under their $ names): shr / lop3 0xea on 32 bits, the packed sub / mul
-    exact in float64 and rounded once to dtype (the products are exact: a double rounding
-    would show up as a mismatch). Returns t0..t3."""
-    regs = dict(regs)
-    ty = "bf16x2" if dtype == torch.bfloat16 else "f16x2"
-
-    def val(a: str):
-        return regs[a] if a in regs else int(a, 0)
-
-    for ins in asm.split(";"):
-        op, _, rest = ins.strip().partition(" ")
-        args = [a.strip() for a in rest.split(",")]
-        if op == "shr.u32":
-            regs[args[0]] = val(args[1]) >> val(args[2])
-        elif op == "lop3.b32":
-            assert val(args[4]) == 0xEA  # (a & b) | c
-            regs[args[0]] = (val(args[1]) & val(args[2])) | val(args[3])
-        elif op in (f"sub.rn.{ty}", f"mul.rn.{ty}"):
-            a, b = _halves(val(args[1]), dtype), _halves(val(args[2]), dtype)
-            f = (lambda u, v: u - v) if op.startswith("sub") else (lambda u, v: u * v)
-            lo, hi = (_bits16(f(u, v).to(dtype)) for u, v in zip(a, b, strict=True))
-            regs[args[0]] = lo | (hi << 16)
-        else:
-            assert op == "" or op.startswith("{") or op == "}", f"unexpected PTX {ins!r}"
-    return [regs[f"t{j}"] for j in range(4)]
+def _run_packed_dequant_ptx(asm: str, regs: dict) -> list[torch.Tensor]:
+    """gemv._dequant_asm's PTX interpreted (`ptx_interp.run_ptx`) on int64 tensors of 32-bit
+    registers (the word, scale and offset pairs under their $ names). Returns t0..t3."""
+    out = run_ptx(asm, regs)
+    return [out[f"t{j}"] for j in range(4)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -254,12 +223,12 @@ def test_packed_dequant_ptx_is_the_rounded_reference(dtype):
     s, z, w = torch.meshgrid(torch.arange(len(scales)), torch.arange(-8, 8), words, indexing="ij")
     s, z, w = s.flatten(), z.flatten(), w.flatten()
     magic = 0x4308 if dtype == torch.bfloat16 else 0x6408  # gemv._packed_consts
-    regs = {"$4": w, "$5": _bits16(scales[s]) * 0x10001, "$6": (z + magic) * 0x10001}
-    t = _run_packed_dequant_ptx(gemv._dequant_asm(TL_DTYPES[dtype], 4, 5, 6), regs, dtype)
+    regs = {"$4": w, "$5": bits16(scales[s]) * 0x10001, "$6": (z + magic) * 0x10001}
+    t = _run_packed_dequant_ptx(gemv._dequant_asm(TL_DTYPES[dtype], 4, 5, 6), regs)
     for j in range(4):
         for half, nib in ((0, j), (1, j + 4)):
             code = ((w >> (4 * nib)) & 0xF) - 8 - z
-            want = _bits16((code.float() * scales[s].float()).to(dtype))
+            want = bits16((code.float() * scales[s].float()).to(dtype))
             assert torch.equal((t[j] >> (16 * half)) & 0xFFFF, want), (j, half)
 
 
@@ -342,7 +311,7 @@ def test_packed_gemm_tile_is_the_dequantized_weight_in_one_k_order(k, group_size
         for i, r in zip((4, 5, 6), (words, s2, c2), strict=True)
     }
     asm = gemv._dequant_asm(TL_DTYPES[dtype], 4, 5, 6)
-    for j, tj in enumerate(_run_packed_dequant_ptx(asm, regs, dtype)):
+    for j, tj in enumerate(_run_packed_dequant_ptx(asm, regs)):
         t[j] = tj.to(torch.int32)  # wraps to the register's bits
     _packed_tile_kernel[(1,)](*args, STAGE=1, **kw)
     order = _packed_k_order(block_k)
@@ -350,7 +319,7 @@ def test_packed_gemm_tile_is_the_dequantized_weight_in_one_k_order(k, group_size
     assert torch.equal(x_l, x[:, order])
     cols = k0 + order
     live = cols < k
-    assert torch.equal(_bits16(w_l[:n, live]), _bits16(ref[:, cols[live]]))
+    assert torch.equal(bits16(w_l[:n, live]), bits16(ref[:, cols[live]]))
     assert torch.isfinite(w_l.float()).all()
 
 
