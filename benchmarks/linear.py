@@ -47,6 +47,7 @@ does can beat these ratios (single-threaded here, neither saturates DRAM).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import itertools
@@ -57,7 +58,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -78,20 +79,32 @@ PROBE_BYTES = 256 * 2**20
 GEMM_ROWS_FROM = 16  # rows of x from which a row reports GFLOPS against the vdpbf16ps peak
 
 
-def read_bw(threads: int, nbytes: int = PROBE_BYTES, repeats: int = 5) -> float:
-    """Streaming read bandwidth in GB/s on `threads` torch threads: an array 8x the LLC summed."""
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's thread count set to `threads` inside, restored after."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a = torch.ones(nbytes // 4)
-        best = math.inf
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a.sum()
-            best = min(best, time.perf_counter() - t0)
+        yield
     finally:
         torch.set_num_threads(previous)
-    return nbytes / best / 1e9
+
+
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` timed calls of fn, in seconds."""
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def read_bw(threads: int, nbytes: int = PROBE_BYTES, repeats: int = 5) -> float:
+    """Streaming read bandwidth in GB/s on `threads` torch threads: an array 8x the LLC summed."""
+    with torch_threads(threads):
+        a = torch.ones(nbytes // 4)
+        return nbytes / best_seconds(a.sum, repeats) / 1e9
 
 
 def dot_peak_gflops(threads: int, iters: int = 20_000_000, repeats: int = 3) -> float | None:
@@ -103,11 +116,7 @@ def dot_peak_gflops(threads: int, iters: int = 20_000_000, repeats: int = 3) -> 
     lib = library()
     if lib is None:
         return None
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        lib.qp_bf16_dot_peak(iters, threads)
-        best = min(best, time.perf_counter() - t0)
+    best = best_seconds(lambda: lib.qp_bf16_dot_peak(iters, threads), repeats)
     return threads * iters * 12 * 64 / best / 1e9
 
 
@@ -192,9 +201,7 @@ def call_overhead_us(threads: int, calls: int = 20000, repeats: int = 5) -> dict
     lib = native.library()
     if lib is None:
         return {"threads": threads, "skipped": native.kernel_unavailable_reason()}
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads), torch.no_grad():
         torch.manual_seed(0)
         module = W4A16Linear.from_linear(nn.Linear(256, 256, bias=False), Int4Scheme())
         x = torch.randn(1, 256).bfloat16()
@@ -203,21 +210,17 @@ def call_overhead_us(threads: int, calls: int = 20000, repeats: int = 5) -> dict
                 None, None, y.data_ptr(), 0, 1, 256, 256, 32, threads)  # fmt: skip
         fns = {"module": lambda: module(x), "c_call": lambda: lib.qp_w4a16_bf16(*args)}
         best = {}
-        with torch.no_grad():
-            for name, fn in fns.items():
-                for _ in range(calls // 10):
+        for name, fn in fns.items():
+
+            def loop(fn=fn) -> None:
+                for _ in range(calls):
                     fn()
-                loops = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    for _ in range(calls):
-                        fn()
-                    loops.append((time.perf_counter() - t0) / calls * 1e6)
-                best[name] = min(loops)
-            if not torch.equal(module(x), y):
-                raise AssertionError("call_overhead_us: the direct call computed something else")
-    finally:
-        torch.set_num_threads(previous)
+
+            for _ in range(calls // 10):
+                fn()
+            best[name] = best_seconds(loop, repeats) / calls * 1e6
+        if not torch.equal(module(x), y):
+            raise AssertionError("call_overhead_us: the direct call computed something else")
     return {
         "threads": threads,
         "module_us": best["module"],
