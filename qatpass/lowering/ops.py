@@ -114,13 +114,16 @@ def w4a16_linear(
     return _linear_on_cpu(x, qweight, scales, zeros, bias, group_size)
 
 
-def _linear_on_cpu(x, qweight, scales, zeros, bias, group_size: int) -> torch.Tensor:
-    """Flatten x to [M, K], run the CPU body (which validates), restore x's leading dims."""
+def _linear_on_cpu(x, qweight, scales, zeros, bias, group_size: int, body=None) -> torch.Tensor:
+    """Flatten x to [M, K], run a CPU body on it (which validates), restore x's leading dims.
+    The body is the opaque op `qatpass::w4a16_linear_cpu` (what graphs hold), or its
+    implementation `_linear_cpu` itself for eager calls (`linear`)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("w4a16_linear: x must be a tensor [..., K]")
-    y = torch.ops.qatpass.w4a16_linear_cpu(
-        x.reshape(-1, x.shape[-1]), qweight, scales, zeros, bias, group_size
-    )
+    body = body or torch.ops.qatpass.w4a16_linear_cpu
+    if x.dim() == 2:
+        return body(x, qweight, scales, zeros, bias, group_size)
+    y = body(x.reshape(-1, x.shape[-1]), qweight, scales, zeros, bias, group_size)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -155,12 +158,7 @@ def linear(
         return torch.ops.qatpass.w4a16_linear(
             x, qweight, scales, zeros, bias, group_size=group_size
         )
-    if x.dim() == 2:
-        return _cpu_linear(x, qweight, scales, zeros, bias, group_size=group_size)
-    if x.dim() < 1:
-        raise ValueError("w4a16_linear: x must be a tensor [..., K]")
-    y = _cpu_linear(x.reshape(-1, x.shape[-1]), qweight, scales, zeros, bias, group_size=group_size)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return _linear_on_cpu(x, qweight, scales, zeros, bias, group_size, _linear_cpu)
 
 
 @torch.library.triton_op("qatpass::w4a16_grouped_linear", mutates_args=())
