@@ -80,3 +80,29 @@ def test_llama_cpp_rows_are_parsed_from_test_backend_ops_output():
     assert sorted(rows) == [1, 8]  # other types and shapes are left out
     assert rows[1]["us"] == 4333.66 and rows[1]["runs"] == 276
     assert rows[8]["us"] == 11252.0
+
+
+def test_op_budget_mixes_rotate_destinations_and_count_the_line():
+    budget = _benchmark("cpu_op_budget")
+    body = budget.asm_body(["vpsrlw", "vdpbf16ps", "vdpbf16ps"]).replace("%%", "%").split("\\n\\t")
+    assert len(body) == 3 * budget.UNROLL
+    # writes rotate over zmm12..19 and accumulators over zmm0..11; sources zmm20/21 only read
+    dests = [line.rsplit("%", 1)[1] for line in body]
+    assert dests[:3] == ["zmm12", "zmm0", "zmm1"] and dests[3:6] == ["zmm13", "zmm2", "zmm3"]
+    ops = budget.MIXES["m1_line"]
+    assert (ops.count("vpsrlw"), ops.count("vpermw"), ops.count("vdpbf16ps")) == (3, 5, 4)
+
+
+@pytest.mark.skipif(
+    not _benchmark("cpu_op_budget").has_avx512_bf16(), reason="needs AVX-512 BW / BF16"
+)
+def test_op_budget_reports_cycles_and_the_decode_ceiling():
+    budget = _benchmark("cpu_op_budget")
+    result = budget.run(iters=20_000, repeats=1, read_gbps=25.0)
+    rows = {row["name"]: row for row in result["rows"]}
+    assert set(rows) == set(budget.SINGLES) | set(budget.MIXES)
+    assert result["ghz"] > 0 and all(row["cycles"] > 0 for row in rows.values())
+    line = rows["m1_line"]
+    assert line["vector_ops"] == 13
+    assert line["decode_gbps_ceiling"] == pytest.approx(64 * result["ghz"] / line["cycles"])
+    assert line["ceiling_over_read"] == pytest.approx(line["decode_gbps_ceiling"] / 25.0)
