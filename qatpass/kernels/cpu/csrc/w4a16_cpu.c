@@ -463,8 +463,9 @@ static inline __attribute__((always_inline)) void m1_blocks(const uint16_t* x, c
 // decode's ~13 vector ops per line fill the out-of-order window after ~20 lines, too few misses
 // in flight for DRAM's latency, and the hardware prefetchers restart at every 4 KiB page (512
 // measured best of 256..1024 here; median time 9-20% lower than with none). FP4 goes by chunks
-// of blocks (fp4_chunk), the last one, where the row's scales end, on its own. Each output's sum runs in the same order at every mt,
-// so a row of x gets the same bits alone (M = 1) as in a small batch.
+// of blocks (fp4_chunk), the last one, where the row's scales end, on its own. Each output's
+// sum runs in the same order at every mt, so a row of x gets the same bits alone (M = 1) as in
+// a small batch.
 static inline __attribute__((always_inline)) void rows_m1(const uint16_t* x, const Row* rows,
                                                           const Dec* d, float (*out)[MS],
                                                           const int mt, const int kind,
